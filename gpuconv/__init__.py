@@ -1,0 +1,28 @@
+"""gpuconv: 1-, 2- and 3-D convolutions with gradients on NumPy and CuPy arrays.
+
+NumPy arrays run on the CPU backend, CuPy arrays on raw CUDA kernels compiled
+by CuPy.  Importing gpuconv never imports CuPy and never fails on a CPU-only
+machine.
+"""
+from ._api import (
+    conv, conv_input_grad, conv_weight_grad, conv_bias_grad, conv_transpose, conv_output_shape,
+    conv1d, conv2d, conv3d,
+    conv1d_input_grad, conv2d_input_grad, conv3d_input_grad,
+    conv1d_weight_grad, conv2d_weight_grad, conv3d_weight_grad,
+)
+from ._dispatch import (
+    BackendUnavailableError, available_backends, backend_info, use_backend,
+)
+from ._numpy_backend import get_workspace_limit, set_workspace_limit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "conv", "conv_input_grad", "conv_weight_grad", "conv_bias_grad", "conv_transpose",
+    "conv_output_shape",
+    "conv1d", "conv2d", "conv3d",
+    "conv1d_input_grad", "conv2d_input_grad", "conv3d_input_grad",
+    "conv1d_weight_grad", "conv2d_weight_grad", "conv3d_weight_grad",
+    "BackendUnavailableError", "available_backends", "backend_info", "use_backend",
+    "get_workspace_limit", "set_workspace_limit",
+]

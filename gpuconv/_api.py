@@ -1,0 +1,373 @@
+"""Public convolution functions: validate once, pick a backend, run.
+
+Conventions (PyTorch/cuDNN): cross-correlation; x ``(N, C, *spatial)``; weight
+``(K, C // groups, *kernel)``; bias ``(K,)``; result ``(N, K, *out)``.  Everything
+after ``bias`` is keyword-only.  The result's array type and dtype are the
+inputs'.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from . import _geometry as geo
+from ._dispatch import array_namespace, get_backend
+
+__all__ = [
+    "conv", "conv_input_grad", "conv_weight_grad", "conv_bias_grad", "conv_transpose",
+    "conv_output_shape",
+    "conv1d", "conv2d", "conv3d",
+    "conv1d_input_grad", "conv2d_input_grad", "conv3d_input_grad",
+    "conv1d_weight_grad", "conv2d_weight_grad", "conv3d_weight_grad",
+]
+
+
+def _xp(namespace):
+    if namespace == "cupy":
+        import cupy
+        return cupy
+    return np
+
+
+def _acc_dtype(dtype):
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def _ndim_check(op, name, a, allowed, form):
+    if a.ndim not in allowed:
+        raise ValueError(f"{op}: {name} must have {' or '.join(map(str, allowed))} dims "
+                         f"({form}), got {name}.shape={geo._fmt_shape(a.shape)}")
+
+
+def _check_bias(op, bias, K):
+    if bias is None:
+        return
+    if bias.ndim != 1 or bias.shape[0] != K:
+        raise ValueError(f"{op}: bias must have shape ({K},) (one value per output channel K={K}), "
+                         f"got bias.shape={geo._fmt_shape(bias.shape)}")
+
+
+# ----------------------------------------------------------------------------- cores
+# Each core takes standard batched arrays and a validated geometry.  The
+# shared-kernel (seed) weight form reduces to a C = 1 convolution of the
+# channel sum of x, because the same kernel meets every input channel.
+
+def _channel_sum(x, g):
+    acc = _acc_dtype(g.dtype)
+    return x.astype(acc).sum(axis=1, keepdims=True).astype(g.dtype)
+
+
+def _forward(op, x, w, bias, g, ns, backend, shared=False):
+    xp = _xp(ns)
+    if g.N == 0:
+        return xp.empty(g.y_shape, dtype=g.dtype)
+    be = get_backend(op, ns, backend)
+    if shared:
+        g1 = dataclasses.replace(g, C=1)
+        return be.forward(_channel_sum(x, g), w[:, None], bias, g1)
+    return be.forward(x, w, bias, g)
+
+
+def _input_grad(op, gy, w, g, ns, backend, shared=False):
+    xp = _xp(ns)
+    if g.N == 0:
+        return xp.empty(g.x_shape, dtype=g.dtype)
+    be = get_backend(op, ns, backend)
+    if shared:
+        g1 = dataclasses.replace(g, C=1)
+        gx1 = be.input_grad(gy, w[:, None], g1)
+        return xp.ascontiguousarray(xp.broadcast_to(gx1, g.x_shape))
+    return be.input_grad(gy, w, g)
+
+
+def _weight_grad(op, x, gy, g, ns, backend, shared=False):
+    xp = _xp(ns)
+    wshape = (g.K,) + g.kernel if shared else g.w_shape
+    if g.N == 0:
+        return xp.zeros(wshape, dtype=g.dtype)
+    be = get_backend(op, ns, backend)
+    if shared:
+        g1 = dataclasses.replace(g, C=1)
+        return be.weight_grad(_channel_sum(x, g), gy, g1)[:, 0]
+    return be.weight_grad(x, gy, g)
+
+
+def _geometry(op, x_shape, w_shape, stride, padding, dilation, groups, dtype):
+    return geo.conv_geometry(op, x_shape, w_shape, stride=stride, padding=padding,
+                             dilation=dilation, groups=groups, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- generic
+def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, backend=None):
+    """N-d convolution (cross-correlation), rank taken from ``weight``.
+
+    Parameters
+    ----------
+    x : ndarray ``(N, C, *spatial)``, 1-3 spatial dims, numpy or cupy.
+    weight : ndarray ``(K, C // groups, *kernel)``.
+    bias : ndarray ``(K,)`` or None.
+    stride, dilation : int or one int per spatial dim (>= 1).
+    padding : int, per-dim ints, per-dim ``(lo, hi)`` pairs, ``'valid'`` or ``'same'``
+        (out = ceil(L / stride); with stride 1 every size is kept; an odd total
+        padding puts the extra element on the high side).
+    groups : int dividing C and K.
+    backend : None/'auto' (by array type), 'numpy', 'cupy' or 'cudasim'.
+
+    Returns ``(N, K, *out)`` with ``out = floor((L + lo + hi - dilation*(k-1) - 1)/stride) + 1``,
+    same array type and dtype (float16, bfloat16, float32 or float64) as ``x``.
+
+    Raises ValueError for inconsistent shapes or arguments, TypeError for
+    unsupported/mismatched dtypes and for numpy/cupy mixtures.
+
+    >>> import numpy as np, gpuconv
+    >>> gpuconv.conv(np.ones((1, 2, 5, 5)), np.ones((3, 2, 3, 3)), padding=1).shape
+    (1, 3, 5, 5)
+    """
+    op = "conv"
+    ns = array_namespace(op, x=x, weight=weight, bias=bias)
+    dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
+    g = _geometry(op, x.shape, weight.shape, stride, padding, dilation, groups, dtype)
+    _check_bias(op, bias, g.K)
+    return _forward(op, x, weight, bias, g, ns, backend)
+
+
+def _grad_out_check(op, grad_out, g):
+    geo.check_shape(op, "grad_out", grad_out.shape, g.y_shape,
+                    "the forward output shape for these x/weight shapes and arguments")
+
+
+def conv_input_grad(grad_out, weight, input_shape, *, stride=1, padding=0, dilation=1,
+                    groups=1, backend=None):
+    """Gradient of ``conv`` with respect to x.
+
+    ``grad_out`` is ``(N, K, *out)`` (the forward output's shape), ``weight`` is
+    ``(K, C // groups, *kernel)``, ``input_shape`` is x's shape ``(N, C, *spatial)``
+    (needed because with stride > 1 several input sizes give the same output size).
+    Returns an array of ``input_shape``.
+    """
+    op = "conv_input_grad"
+    ns = array_namespace(op, grad_out=grad_out, weight=weight)
+    dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
+    input_shape = geo._shape_of(op, "input_shape", input_shape)
+    g = _geometry(op, input_shape, weight.shape, stride, padding, dilation, groups, dtype)
+    _grad_out_check(op, grad_out, g)
+    return _input_grad(op, grad_out, weight, g, ns, backend)
+
+
+def conv_weight_grad(x, grad_out, weight_shape, *, stride=1, padding=0, dilation=1, groups=1,
+                     backend=None):
+    """Gradient of ``conv`` with respect to the weight: an array of ``weight_shape``.
+
+    Deterministic on every backend: the reduction over N and the output
+    positions runs in a fixed order.
+    """
+    op = "conv_weight_grad"
+    ns = array_namespace(op, x=x, grad_out=grad_out)
+    dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
+    weight_shape = geo._shape_of(op, "weight_shape", weight_shape)
+    g = _geometry(op, x.shape, weight_shape, stride, padding, dilation, groups, dtype)
+    _grad_out_check(op, grad_out, g)
+    return _weight_grad(op, x, grad_out, g, ns, backend)
+
+
+def conv_bias_grad(grad_out):
+    """Gradient with respect to the bias: ``grad_out`` summed over N and every spatial axis.
+
+    Half types are summed in float32 and rounded once.
+    """
+    op = "conv_bias_grad"
+    ns = array_namespace(op, grad_out=grad_out)
+    dtype = geo.check_dtype(op, {"grad_out": grad_out})
+    if grad_out.ndim < 3:
+        raise ValueError(f"{op}: grad_out must be (N, K, *spatial) with at least one spatial dim, "
+                         f"got grad_out.shape={geo._fmt_shape(grad_out.shape)}")
+    axes = (0,) + tuple(range(2, grad_out.ndim))
+    xp = _xp(ns)
+    out = grad_out.astype(_acc_dtype(dtype)).sum(axis=axes)
+    return xp.ascontiguousarray(out.astype(dtype))
+
+
+def conv_output_shape(input_shape, weight_shape, *, stride=1, padding=0, dilation=1, groups=1):
+    """Shape ``(N, K, *out)`` of ``conv(x, w, ...)`` for x of ``input_shape`` and w of
+    ``weight_shape``, with every argument validated as ``conv`` would."""
+    g = _geometry("conv_output_shape", input_shape, weight_shape, stride, padding, dilation,
+                  groups, np.float32)
+    return g.y_shape
+
+
+def conv_transpose(x, weight, bias=None, *, stride=1, padding=0, output_padding=0, dilation=1,
+                   groups=1, backend=None):
+    """Transposed convolution with PyTorch's semantics (``conv_transpose{1,2,3}d``).
+
+    x ``(N, C_in, *L)``, weight ``(C_in, C_out // groups, *kernel)``, bias ``(C_out,)``.
+    Output size per dim: ``(L - 1)*stride - lo - hi + dilation*(k - 1) + output_padding + 1``.
+    ``padding`` is an int, per-dim ints or per-dim ``(lo, hi)`` pairs (no strings);
+    ``output_padding`` must be smaller than stride or dilation in each dim.
+    It is the input gradient of the matching convolution, so it runs on the
+    same kernels.
+    """
+    op = "conv_transpose"
+    ns = array_namespace(op, x=x, weight=weight, bias=bias)
+    dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
+    _ndim_check(op, "weight", weight, (3, 4, 5), "(C_in, C_out/groups, *kernel), 1-3 kernel dims")
+    nd = weight.ndim - 2
+    _ndim_check(op, "x", x, (nd + 2,), f"(N, C_in, *spatial) with {nd} spatial dims")
+    N, Cin = x.shape[:2]
+    L = x.shape[2:]
+    gr = geo._as_int(op, "groups", groups)
+    if gr < 1 or Cin % gr:
+        raise ValueError(f"{op}: groups={groups!r} must be >= 1 and divide the input channels "
+                         f"C_in={Cin} (x.shape={geo._fmt_shape(x.shape)})")
+    if weight.shape[0] != Cin:
+        raise ValueError(f"{op}: channel mismatch: x has C_in={Cin} channels but weight.shape[0]="
+                         f"{weight.shape[0]} (weight is (C_in, C_out/groups, *kernel), "
+                         f"weight.shape={geo._fmt_shape(weight.shape)})")
+    kernel = weight.shape[2:]
+    s = geo._int_tuple(op, "stride", stride, nd, 1)
+    d = geo._int_tuple(op, "dilation", dilation, nd, 1)
+    lo, hi = geo.resolve_padding(op, padding, L, kernel, s, d, allow_strings=False)
+    opad = geo.transpose_output_padding(op, output_padding, nd, s, d)
+    out = tuple((l - 1) * st - a - b + dl * (k - 1) + o + 1
+                for l, st, a, b, dl, k, o in zip(L, s, lo, hi, d, kernel, opad))
+    if min(out) < 1:
+        raise ValueError(f"{op}: output size {out} is not positive for x.shape="
+                         f"{geo._fmt_shape(x.shape)}, weight.shape={geo._fmt_shape(weight.shape)}, "
+                         f"stride={stride!r}, padding={padding!r}, dilation={dilation!r}")
+    Cout = weight.shape[1] * gr
+    _check_bias(op, bias, Cout)
+    # The matching forward convolution maps (N, C_out, *out) -> (N, C_in, *L') with
+    # weight (C_in, C_out/groups, *kernel).  L' = L unless output_padding >= stride
+    # (allowed when < dilation): then the extra trailing outputs get zero gradient.
+    g = geo.conv_geometry(op, (N, Cout) + out, weight.shape, stride=s, padding=tuple(zip(lo, hi)),
+                          dilation=d, groups=gr, dtype=dtype)
+    xp = _xp(ns)
+    gy = x
+    if g.out_spatial != tuple(L):
+        gy = xp.zeros(g.y_shape, dtype=dtype)
+        gy[(slice(None), slice(None)) + tuple(slice(0, l) for l in L)] = x
+    y = _input_grad(op, gy, weight, g, ns, backend)
+    if bias is not None:
+        y += bias.reshape((1, -1) + (1,) * nd)
+    return y
+
+
+# ----------------------------------------------------------------------------- rank-specific
+def _seed_forms(op, nd, x=None, weight=None, input_shape=None, weight_shape=None):
+    """Decide batched/unbatched and standard/shared forms for a rank-specific call."""
+    batched = shared = None
+    if x is not None:
+        _ndim_check(op, "x", x, (nd + 1, nd + 2),
+                    f"(C, *spatial) unbatched or (N, C, *spatial) batched, {nd} spatial dims")
+        batched = x.ndim == nd + 2
+    if input_shape is not None:
+        if len(input_shape) not in (nd + 1, nd + 2):
+            raise ValueError(f"{op}: input_shape={tuple(input_shape)} must have {nd + 1} "
+                             f"(unbatched) or {nd + 2} (batched) entries")
+        batched = len(input_shape) == nd + 2
+    if weight is not None:
+        _ndim_check(op, "weight", weight, (nd + 1, nd + 2),
+                    f"(K, *kernel) shared or (K, C/groups, *kernel), {nd} kernel dims")
+        shared = weight.ndim == nd + 1
+    if weight_shape is not None:
+        if len(weight_shape) not in (nd + 1, nd + 2):
+            raise ValueError(f"{op}: weight_shape={tuple(weight_shape)} must have {nd + 1} "
+                             f"(shared kernel (K, *kernel)) or {nd + 2} entries")
+        shared = len(weight_shape) == nd + 1
+    return batched, shared
+
+
+def _shared_wshape(op, w_shape, C, groups, shared):
+    if not shared:
+        return tuple(w_shape)
+    if groups != 1:
+        raise ValueError(f"{op}: a shared kernel weight (K, *kernel) applies every kernel to "
+                         f"every input channel, so groups must be 1, got groups={groups!r}")
+    return (w_shape[0], C) + tuple(w_shape[1:])
+
+
+def _make_conv(nd):
+    name = f"conv{nd}d"
+
+    def f(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, backend=None):
+        op = name
+        ns = array_namespace(op, x=x, weight=weight, bias=bias)
+        dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
+        batched, shared = _seed_forms(op, nd, x=x, weight=weight)
+        xb = x if batched else x[None]
+        wshape = _shared_wshape(op, weight.shape, xb.shape[1], groups, shared)
+        g = _geometry(op, xb.shape, wshape, stride, padding, dilation, groups, dtype)
+        _check_bias(op, bias, g.K)
+        y = _forward(op, xb, weight, bias, g, ns, backend, shared)
+        return y if batched else y[0]
+
+    f.__name__ = f.__qualname__ = name
+    f.__doc__ = f"""{nd}-d convolution; see :func:`conv`.
+
+    Also accepts the seed notebook's forms: an unbatched x ``(C, *spatial)`` (the
+    result is unbatched) and a shared-kernel weight ``(K, *kernel)``: one {nd}-d
+    kernel per output channel, applied to every input channel (groups must be 1).
+    """
+    return f
+
+
+def _make_input_grad(nd):
+    name = f"conv{nd}d_input_grad"
+
+    def f(grad_out, weight, input_shape, *, stride=1, padding=0, dilation=1, groups=1,
+          backend=None):
+        op = name
+        ns = array_namespace(op, grad_out=grad_out, weight=weight)
+        dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
+        input_shape = geo._shape_of(op, "input_shape", input_shape)
+        batched, shared = _seed_forms(op, nd, weight=weight, input_shape=input_shape)
+        xshape = input_shape if batched else (1,) + input_shape
+        wshape = _shared_wshape(op, weight.shape, xshape[1], groups, shared)
+        g = _geometry(op, xshape, wshape, stride, padding, dilation, groups, dtype)
+        gy = grad_out if batched else grad_out[None]
+        geo.check_shape(op, "grad_out", grad_out.shape, g.y_shape if batched else g.y_shape[1:],
+                        "the forward output shape for these shapes and arguments")
+        gx = _input_grad(op, gy, weight, g, ns, backend, shared)
+        return gx if batched else gx[0]
+
+    f.__name__ = f.__qualname__ = name
+    f.__doc__ = f"""Input gradient of :func:`conv{nd}d`; see :func:`conv_input_grad`.
+
+    ``input_shape`` may be unbatched ``(C, *spatial)`` (then ``grad_out`` is
+    ``(K, *out)``) and ``weight`` may be the shared form ``(K, *kernel)``.
+    """
+    return f
+
+
+def _make_weight_grad(nd):
+    name = f"conv{nd}d_weight_grad"
+
+    def f(x, grad_out, weight_shape, *, stride=1, padding=0, dilation=1, groups=1, backend=None):
+        op = name
+        ns = array_namespace(op, x=x, grad_out=grad_out)
+        dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
+        weight_shape = geo._shape_of(op, "weight_shape", weight_shape)
+        batched, shared = _seed_forms(op, nd, x=x, weight_shape=weight_shape)
+        xb = x if batched else x[None]
+        wshape = _shared_wshape(op, weight_shape, xb.shape[1], groups, shared)
+        g = _geometry(op, xb.shape, wshape, stride, padding, dilation, groups, dtype)
+        gy = grad_out if batched else grad_out[None]
+        geo.check_shape(op, "grad_out", grad_out.shape, g.y_shape if batched else g.y_shape[1:],
+                        "the forward output shape for these shapes and arguments")
+        return _weight_grad(op, xb, gy, g, ns, backend, shared)
+
+    f.__name__ = f.__qualname__ = name
+    f.__doc__ = f"""Weight gradient of :func:`conv{nd}d`; see :func:`conv_weight_grad`.
+
+    ``x`` may be unbatched ``(C, *spatial)``; with a shared-kernel ``weight_shape``
+    ``(K, *kernel)`` the gradient comes back as ``(K, *kernel)`` (summed over the
+    input channels the kernel was applied to).
+    """
+    return f
+
+
+conv1d, conv2d, conv3d = (_make_conv(n) for n in (1, 2, 3))
+conv1d_input_grad, conv2d_input_grad, conv3d_input_grad = (_make_input_grad(n) for n in (1, 2, 3))
+conv1d_weight_grad, conv2d_weight_grad, conv3d_weight_grad = (_make_weight_grad(n)
+                                                              for n in (1, 2, 3))

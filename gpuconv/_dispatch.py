@@ -1,0 +1,195 @@
+"""Backend selection: by the arrays' type, overridable, never a silent host/device copy.
+
+* numpy arrays run on the ``numpy`` backend (or on ``cudasim``, the CUDA kernels
+  emulated on the CPU, when asked for);
+* cupy arrays run on the ``cupy`` backend (the CUDA kernels on the GPU);
+* ``GPUCONV_BACKEND=numpy|cupy|cudasim|auto`` (environment) or
+  :func:`use_backend` (a context manager) or ``backend=`` (per call) forces one.
+  A forced backend that cannot take the arrays raises instead of copying them.
+
+CuPy is never imported just to look at an argument: an array is recognised as a
+CuPy array through ``sys.modules``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+import sys
+
+import numpy as np
+
+BACKENDS = ("numpy", "cupy", "cudasim")
+_ENV = "GPUCONV_BACKEND"
+_forced: contextvars.ContextVar = contextvars.ContextVar("gpuconv_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run on this machine (the message says why)."""
+
+
+def array_namespace(op: str, **arrays) -> str:
+    """'numpy' or 'cupy' for the given arrays (None entries ignored).
+
+    Raises TypeError for anything that is not a numpy/cupy ndarray and for a mix.
+    """
+    kinds = {}
+    cp = sys.modules.get("cupy")
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        if isinstance(a, np.ndarray):
+            kinds[name] = "numpy"
+        elif cp is not None and isinstance(a, cp.ndarray):
+            kinds[name] = "cupy"
+        else:
+            raise TypeError(f"{op}: {name} must be a numpy.ndarray or cupy.ndarray, "
+                            f"got {type(a).__module__}.{type(a).__qualname__}")
+    found = set(kinds.values())
+    if len(found) > 1:
+        desc = ", ".join(f"{n} is {k}" for n, k in kinds.items())
+        raise TypeError(f"{op}: numpy and cupy arrays mixed ({desc}); gpuconv never copies "
+                        f"between host and device silently -- move them with cupy.asarray() "
+                        f"or cupy.asnumpy() first")
+    return found.pop() if found else "numpy"
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force a backend inside a ``with`` block (``None`` or ``'auto'``: by array type)."""
+    _check_name(name, "use_backend")
+    token = _forced.set(None if name in (None, "auto") else name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def _check_name(name, where):
+    if name not in (None, "auto") + BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of "
+                         f"{', '.join(('auto',) + BACKENDS)}")
+
+
+def requested_backend(explicit=None) -> str | None:
+    """The forced backend name, or None for dispatch by array type."""
+    if explicit not in (None, "auto"):
+        _check_name(explicit, "backend")
+        return explicit
+    if explicit == "auto":
+        return None
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get(_ENV, "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    _check_name(env, f"environment variable {_ENV}")
+    return env
+
+
+# --------------------------------------------------------------------------- probes
+@functools.lru_cache(maxsize=None)
+def _probe_cupy():
+    """(usable, reason, details) for the cupy backend."""
+    try:
+        import cupy  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install
+        return False, f"CuPy is not installed or failed to import ({type(e).__name__}: {e})", {}
+    details = {"cupy_version": cupy.__version__}
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError: insufficient driver, no driver, ...
+        return False, f"CuPy {cupy.__version__} is installed but CUDA is not usable: {e}", details
+    if n < 1:
+        return False, f"CuPy {cupy.__version__} is installed but no CUDA device was found", details
+    devices = []
+    try:
+        for i in range(n):
+            p = cupy.cuda.runtime.getDeviceProperties(i)
+            name = p["name"].decode() if isinstance(p["name"], bytes) else str(p["name"])
+            devices.append({"id": i, "name": name,
+                            "compute_capability": f"{p['major']}.{p['minor']}",
+                            "memory_bytes": int(p["totalGlobalMem"])})
+        details["cuda_runtime_version"] = cupy.cuda.runtime.runtimeGetVersion()
+        details["driver_version"] = cupy.cuda.runtime.driverGetVersion()
+    except Exception as e:
+        return False, f"CUDA device query failed: {e}", details
+    details["devices"] = devices
+    return True, None, details
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_cudasim():
+    try:
+        from .testing import cudasim
+    except Exception as e:
+        return False, f"the CUDA emulator failed to import ({type(e).__name__}: {e})", {}
+    return cudasim.probe()
+
+
+def _probe(name):
+    if name == "numpy":
+        return True, None, {"numpy_version": np.__version__}
+    if name == "cupy":
+        return _probe_cupy()
+    return _probe_cudasim()
+
+
+def backend_info() -> dict:
+    """Which backends can run here and, for each one that cannot, why.
+
+    Returns ``{"backends": {name: {"usable": bool, "reason": str|None, ...}},
+    "default": ..., "forced": ...}``.  Probing CuPy imports it (once).
+    """
+    out = {}
+    for name in BACKENDS:
+        ok, reason, details = _probe(name)
+        out[name] = {"usable": ok, "reason": reason, **details}
+    return {"backends": out, "forced": requested_backend()}
+
+
+def available_backends() -> list:
+    """Names of the backends usable on this machine, e.g. ['numpy', 'cudasim']."""
+    return [n for n in BACKENDS if _probe(n)[0]]
+
+
+# --------------------------------------------------------------------------- selection
+_instances = {}
+
+
+def _instance(name):
+    be = _instances.get(name)
+    if be is None:
+        ok, reason, _ = _probe(name)
+        if not ok:
+            raise BackendUnavailableError(f"gpuconv backend {name!r} cannot run here: {reason}")
+        if name == "numpy":
+            from ._numpy_backend import NumpyBackend
+            be = NumpyBackend()
+        elif name == "cupy":
+            from ._cuda_backend import CudaBackend
+            from ._kernels import CupyRuntime
+            be = CudaBackend(CupyRuntime())
+        else:
+            from ._cuda_backend import CudaBackend
+            from .testing.cudasim import SimRuntime
+            be = CudaBackend(SimRuntime())
+        _instances[name] = be
+    return be
+
+
+def get_backend(op: str, namespace: str, explicit=None):
+    """The backend object that runs arrays of `namespace` ('numpy'/'cupy')."""
+    name = requested_backend(explicit)
+    if name is None:
+        name = namespace
+    host_backend = name in ("numpy", "cudasim")
+    if host_backend and namespace == "cupy":
+        raise TypeError(f"{op}: backend {name!r} runs on host (numpy) arrays but got cupy arrays; "
+                        f"gpuconv never copies between device and host silently")
+    if name == "cupy" and namespace == "numpy":
+        raise TypeError(f"{op}: backend 'cupy' was requested but the inputs are numpy arrays; "
+                        f"move them to the GPU with cupy.asarray() first")
+    return _instance(name)

@@ -1,0 +1,278 @@
+"""Argument parsing, validation and size arithmetic -- done once, here only.
+
+Every public entry point turns its arguments into one frozen :class:`ConvGeometry`
+before any work starts.  Backends read sizes from it and never re-derive them.
+Every error names the operation, the argument, the value received and the sizes
+involved.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+__all__ = [
+    "ConvGeometry",
+    "check_dtype",
+    "conv_geometry",
+    "output_size",
+    "resolve_padding",
+]
+
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything a backend needs to know about one convolution.
+
+    The convolution is always described in its forward direction:
+    x ``(N, C, *in_spatial)`` * w ``(K, C // groups, *kernel)`` -> y
+    ``(N, K, *out_spatial)``.  Input and weight gradients use the same object.
+    """
+
+    op: str
+    N: int
+    C: int
+    K: int
+    groups: int
+    in_spatial: tuple
+    kernel: tuple
+    out_spatial: tuple
+    stride: tuple
+    dilation: tuple
+    pad_lo: tuple
+    pad_hi: tuple
+    dtype: np.dtype
+
+    @property
+    def nd(self) -> int:
+        return len(self.kernel)
+
+    @property
+    def Cg(self) -> int:
+        return self.C // self.groups
+
+    @property
+    def Kg(self) -> int:
+        return self.K // self.groups
+
+    @property
+    def x_shape(self) -> tuple:
+        return (self.N, self.C) + self.in_spatial
+
+    @property
+    def w_shape(self) -> tuple:
+        return (self.K, self.Cg) + self.kernel
+
+    @property
+    def y_shape(self) -> tuple:
+        return (self.N, self.K) + self.out_spatial
+
+    @property
+    def taps(self) -> int:
+        return math.prod(self.kernel)
+
+    @property
+    def depthwise(self) -> bool:
+        """One input channel per group (groups == C), any channel multiplier."""
+        return self.Cg == 1 and self.groups > 1
+
+    @property
+    def flops(self) -> int:
+        """Multiply-adds counted as 2 FLOPs, for one pass."""
+        return 2 * self.N * self.K * self.Cg * self.taps * math.prod(self.out_spatial)
+
+    def padded_spatial(self) -> tuple:
+        return tuple(l + lo + hi for l, lo, hi in zip(self.in_spatial, self.pad_lo, self.pad_hi))
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _as_int(op: str, name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{op}: {name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an integer, got {value!r}") from None
+
+
+def _int_tuple(op: str, name: str, value, nd: int, minimum: int) -> tuple:
+    """int or length-nd sequence of ints, each >= minimum."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != nd:
+            raise ValueError(
+                f"{op}: {name}={value!r} has {len(value)} entries, expected 1 int or {nd} "
+                f"(one per spatial dimension)")
+        out = tuple(_as_int(op, name, v) for v in value)
+    else:
+        out = (_as_int(op, name, value),) * nd
+    for v in out:
+        if v < minimum:
+            raise ValueError(f"{op}: {name}={value!r} must be >= {minimum} in every dimension")
+    return out
+
+
+def resolve_padding(op: str, padding, in_spatial: Sequence[int], kernel: Sequence[int],
+                    stride: Sequence[int], dilation: Sequence[int], *, allow_strings=True):
+    """Return (pad_lo, pad_hi) tuples for any accepted padding form.
+
+    Forms: int; per-dim tuple of ints; per-dim tuple of (lo, hi) pairs; 'valid';
+    'same'.  'same' gives out = ceil(L / stride) (TensorFlow/JAX SAME); with
+    stride 1 that keeps every size, for any kernel and dilation.  An odd total
+    padding puts the extra element on the high side.
+    """
+    nd = len(kernel)
+    if isinstance(padding, str):
+        if not allow_strings:
+            raise ValueError(f"{op}: padding={padding!r}: string padding is not supported here; "
+                             f"give an int, a per-dim tuple or (lo, hi) pairs")
+        mode = padding.lower()
+        if mode == "valid":
+            return (0,) * nd, (0,) * nd
+        if mode == "same":
+            lo, hi = [], []
+            for L, k, s, d in zip(in_spatial, kernel, stride, dilation):
+                out = -(-L // s)
+                total = max((out - 1) * s + d * (k - 1) + 1 - L, 0)
+                lo.append(total // 2)
+                hi.append(total - total // 2)
+            return tuple(lo), tuple(hi)
+        raise ValueError(f"{op}: unknown padding={padding!r}; expected an int, a tuple, "
+                         f"(lo, hi) pairs, 'valid' or 'same'")
+    if isinstance(padding, (list, tuple)):
+        if len(padding) != nd:
+            raise ValueError(
+                f"{op}: padding={padding!r} has {len(padding)} entries, expected 1 int, {nd} ints "
+                f"or {nd} (lo, hi) pairs for a {nd}-d convolution")
+        lo, hi = [], []
+        for p in padding:
+            if isinstance(p, (list, tuple)):
+                if len(p) != 2:
+                    raise ValueError(f"{op}: padding={padding!r}: each pair must be (lo, hi), got {p!r}")
+                a, b = _as_int(op, "padding", p[0]), _as_int(op, "padding", p[1])
+            else:
+                a = b = _as_int(op, "padding", p)
+            lo.append(a)
+            hi.append(b)
+    else:
+        v = _as_int(op, "padding", padding)
+        lo, hi = [v] * nd, [v] * nd
+    if min(lo + hi) < 0:
+        raise ValueError(f"{op}: padding={padding!r} must not be negative")
+    return tuple(lo), tuple(hi)
+
+
+def output_size(L: int, k: int, s: int, d: int, lo: int, hi: int) -> int:
+    """floor((L + lo + hi - d*(k-1) - 1) / s) + 1 (may be < 1: caller checks)."""
+    return (L + lo + hi - d * (k - 1) - 1) // s + 1
+
+
+def dtype_name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+def check_dtype(op: str, arrays: dict) -> np.dtype:
+    """All named arrays must share one supported floating dtype; return it."""
+    dtypes = {}
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        dt = np.dtype(a.dtype)
+        if dt.name not in _FLOAT_NAMES:
+            raise TypeError(
+                f"{op}: {name} has dtype {dt.name}; supported dtypes are float16, bfloat16 "
+                f"(ml_dtypes), float32 and float64")
+        dtypes[name] = dt
+    if len(set(dtypes.values())) > 1:
+        desc = ", ".join(f"{n}={d.name}" for n, d in dtypes.items())
+        raise TypeError(f"{op}: all arrays must share one dtype, got {desc}; cast them first")
+    return next(iter(dtypes.values()))
+
+
+def _shape_of(op: str, name: str, shape) -> tuple:
+    try:
+        return tuple(_as_int(op, name, s) for s in shape)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be a sequence of ints, got {shape!r}") from None
+
+
+def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1, groups=1,
+                  dtype=np.float32, allow_string_padding=True) -> ConvGeometry:
+    """Validate a forward convolution x * w and derive every size.
+
+    x_shape: (N, C, *spatial); w_shape: (K, C // groups, *kernel).  The spatial
+    rank is taken from the weight.
+    """
+    x_shape = _shape_of(op, "x.shape", x_shape)
+    w_shape = _shape_of(op, "weight.shape", w_shape)
+    if len(w_shape) not in (3, 4, 5):
+        raise ValueError(
+            f"{op}: weight must have shape (K, C/groups, *kernel) with 1, 2 or 3 kernel dims, "
+            f"got weight.shape={_fmt_shape(w_shape)} ({len(w_shape)} dims)")
+    nd = len(w_shape) - 2
+    if len(x_shape) != nd + 2:
+        raise ValueError(
+            f"{op}: x must have shape (N, C, *spatial) with {nd} spatial dims to match "
+            f"weight.shape={_fmt_shape(w_shape)}, got x.shape={_fmt_shape(x_shape)} "
+            f"({len(x_shape)} dims)")
+    N, C = x_shape[:2]
+    K, Cg = w_shape[:2]
+    in_spatial, kernel = x_shape[2:], w_shape[2:]
+    g = _as_int(op, "groups", groups)
+    if g < 1:
+        raise ValueError(f"{op}: groups={groups!r} must be >= 1")
+    if C % g:
+        raise ValueError(f"{op}: groups={g} does not divide input channels C={C} "
+                         f"(x.shape={_fmt_shape(x_shape)})")
+    if K % g:
+        raise ValueError(f"{op}: groups={g} does not divide output channels K={K} "
+                         f"(weight.shape={_fmt_shape(w_shape)})")
+    if Cg * g != C:
+        raise ValueError(
+            f"{op}: channel mismatch: x has C={C} channels, so with groups={g} weight.shape[1] "
+            f"must be C/groups={C // g}, got weight.shape={_fmt_shape(w_shape)}")
+    if K == 0 or C == 0 or min(kernel, default=1) < 1:
+        raise ValueError(f"{op}: empty channel or kernel dimension: x.shape={_fmt_shape(x_shape)}, "
+                         f"weight.shape={_fmt_shape(w_shape)}")
+    if min(in_spatial) < 1:
+        raise ValueError(f"{op}: x.shape={_fmt_shape(x_shape)} has an empty spatial dimension")
+    s = _int_tuple(op, "stride", stride, nd, 1)
+    d = _int_tuple(op, "dilation", dilation, nd, 1)
+    lo, hi = resolve_padding(op, padding, in_spatial, kernel, s, d,
+                             allow_strings=allow_string_padding)
+    out = tuple(output_size(*a) for a in zip(in_spatial, kernel, s, d, lo, hi))
+    if min(out) < 1:
+        i = int(np.argmin(out))
+        eff = d[i] * (kernel[i] - 1) + 1
+        raise ValueError(
+            f"{op}: effective kernel size {eff} (kernel {kernel[i]}, dilation {d[i]}) exceeds the "
+            f"padded input size {in_spatial[i] + lo[i] + hi[i]} (input {in_spatial[i]}, padding "
+            f"({lo[i]}, {hi[i]})) in spatial dim {i}: output size would be {out[i]}; "
+            f"x.shape={_fmt_shape(x_shape)}, weight.shape={_fmt_shape(w_shape)}")
+    return ConvGeometry(op=op, N=N, C=C, K=K, groups=g, in_spatial=in_spatial, kernel=kernel,
+                        out_spatial=out, stride=s, dilation=d, pad_lo=lo, pad_hi=hi,
+                        dtype=np.dtype(dtype))
+
+
+def check_shape(op: str, name: str, got, expected, why: str) -> None:
+    got = tuple(got)
+    if got != tuple(expected):
+        raise ValueError(f"{op}: {name} has shape {_fmt_shape(got)}, expected "
+                         f"{_fmt_shape(expected)} ({why})")
+
+
+def transpose_output_padding(op: str, output_padding, nd: int, stride, dilation) -> tuple:
+    op_t = _int_tuple(op, "output_padding", output_padding, nd, 0)
+    for o, s, d in zip(op_t, stride, dilation):
+        if o >= s and o >= d:
+            raise ValueError(
+                f"{op}: output_padding={output_padding!r} must be smaller than stride={stride!r} "
+                f"or dilation={dilation!r} in every dimension")
+    return op_t
