@@ -11,7 +11,7 @@ from ._api import (
     conv1d_weight_grad, conv2d_weight_grad, conv3d_weight_grad,
 )
 from ._dispatch import (
-    BackendUnavailableError, available_backends, backend_info, use_backend,
+    BackendUnavailableError, available_backends, backend_info, precompile, use_backend,
 )
 from ._numpy_backend import get_workspace_limit, set_workspace_limit
 
@@ -23,6 +23,11 @@ __all__ = [
     "conv1d", "conv2d", "conv3d",
     "conv1d_input_grad", "conv2d_input_grad", "conv3d_input_grad",
     "conv1d_weight_grad", "conv2d_weight_grad", "conv3d_weight_grad",
-    "BackendUnavailableError", "available_backends", "backend_info", "use_backend",
+    "BackendUnavailableError", "available_backends", "backend_info", "precompile", "use_backend",
     "get_workspace_limit", "set_workspace_limit",
 ]
+
+from ._dispatch import _precompile_on_import
+
+_precompile_on_import()
+del _precompile_on_import

@@ -126,7 +126,10 @@ def _probe_cudasim():
         from .testing import cudasim
     except Exception as e:
         return False, f"the CUDA emulator failed to import ({type(e).__name__}: {e})", {}
-    return cudasim.probe()
+    try:
+        return cudasim.probe()
+    except Exception as e:  # not built yet, no C++ compiler, ...: unusable, never a crash
+        return False, f"the CUDA emulator is not usable ({type(e).__name__}: {e})", {}
 
 
 def _probe(name):
@@ -193,3 +196,55 @@ def get_backend(op: str, namespace: str, explicit=None):
         raise TypeError(f"{op}: backend 'cupy' was requested but the inputs are numpy arrays; "
                         f"move them to the GPU with cupy.asarray() first")
     return _instance(name)
+
+
+# --------------------------------------------------------------------------- precompile
+def precompile(backend: str = "cupy") -> list:
+    """Build every kernel entry point ahead of time for the current device.
+
+    ``backend='cupy'`` (default) compiles with NVRTC for the current CUDA device
+    (CuPy's disk cache makes this cheap after the first time); ``'cudasim'``
+    builds the emulator's shared libraries.  Returns the entry-point names.
+    Raises BackendUnavailableError, with the reason, where the backend cannot run.
+    """
+    if backend not in ("cupy", "cudasim"):
+        raise ValueError(f"precompile: backend must be 'cupy' or 'cudasim', got {backend!r}")
+    from ._kernels import all_entry_names
+    _instance(backend).precompile()
+    return all_entry_names()
+
+
+def _driver_has_device() -> bool:
+    """Cheap check, without importing CuPy, that a CUDA driver with a device exists."""
+    import ctypes
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    try:
+        if lib.cuInit(0) != 0:
+            return False
+        n = ctypes.c_int(0)
+        return lib.cuDeviceGetCount(ctypes.byref(n)) == 0 and n.value > 0
+    except Exception:
+        return False
+
+
+_import_precompile_error = None
+
+
+def _precompile_on_import() -> None:
+    """On a machine with CuPy and a working CUDA device, build the modules at import
+    (GPUCONV_PRECOMPILE=0 turns this off).  CPU-only machines pay nothing: no CuPy
+    import, no compilation.  A failure here never breaks the import; the first
+    call on a CuPy array reports it."""
+    global _import_precompile_error
+    if os.environ.get("GPUCONV_PRECOMPILE", "1").strip() == "0":
+        return
+    import importlib.util
+    if importlib.util.find_spec("cupy") is None or not _driver_has_device():
+        return
+    try:
+        precompile("cupy")
+    except Exception as e:  # reported again, with its traceback, on first use
+        _import_precompile_error = e

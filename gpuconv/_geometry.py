@@ -124,7 +124,7 @@ def resolve_padding(op: str, padding, in_spatial: Sequence[int], kernel: Sequenc
     """Return (pad_lo, pad_hi) tuples for any accepted padding form.
 
     Forms: int; per-dim tuple of ints; per-dim tuple of (lo, hi) pairs; 'valid';
-    'same'.  'same' gives out = ceil(L / stride) (TensorFlow/JAX SAME); with
+    'same'.  For 1-d, a plain pair of ints ``(lo, hi)`` is accepted too.  'same' gives out = ceil(L / stride) (TensorFlow/JAX SAME); with
     stride 1 that keeps every size, for any kernel and dilation.  An odd total
     padding puts the extra element on the high side.
     """
@@ -147,6 +147,8 @@ def resolve_padding(op: str, padding, in_spatial: Sequence[int], kernel: Sequenc
         raise ValueError(f"{op}: unknown padding={padding!r}; expected an int, a tuple, "
                          f"(lo, hi) pairs, 'valid' or 'same'")
     if isinstance(padding, (list, tuple)):
+        if nd == 1 and len(padding) == 2 and not any(isinstance(p, (list, tuple)) for p in padding):
+            padding = (tuple(padding),)  # 1-d: a pair of ints can only mean (lo, hi)
         if len(padding) != nd:
             raise ValueError(
                 f"{op}: padding={padding!r} has {len(padding)} entries, expected 1 int, {nd} ints "

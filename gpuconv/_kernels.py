@@ -19,7 +19,6 @@ Only :func:`launch` in this module calls ``runtime.launch``.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +49,7 @@ MAX_BLOCK = (1024, 1024, 64)
 DEFAULT_THREADS = 256
 # grid-stride kernels never need more blocks than this to fill any current GPU
 MAX_BLOCKS_1D = 65535 * 8
+INT32_SAFE = INT32_LIMIT - MAX_BLOCKS_1D * MAX_THREADS_PER_BLOCK
 
 
 def kernel_dir():
@@ -94,12 +94,6 @@ def all_entry_names() -> list:
     return [n for p in PASSES for n in entry_names(p)]
 
 
-def declared_entry_points(source: str) -> list:
-    """extern "C" __global__ names a source defines (expanded from its entry macros)."""
-    return re.findall(r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)',
-                      source)
-
-
 # ---------------------------------------------------------------------------- launch geometry
 @dataclass(frozen=True)
 class LaunchConfig:
@@ -137,8 +131,12 @@ def check_config(cfg: LaunchConfig, shared_mem: int = 0, max_shared: int = 48 * 
 
 
 def needs_int64(*sizes) -> bool:
-    """True when any tensor (given by its element count) spans >= 2^31 elements."""
-    return any(int(s) > INT32_LIMIT for s in sizes)
+    """True when 32-bit index math could overflow for tensors of these element counts.
+
+    Grid-stride loops step past the last index by up to one grid's worth of
+    threads, so the 32-bit variants are used only below 2^31 - (largest grid).
+    """
+    return any(int(s) > INT32_SAFE for s in sizes)
 
 
 def launch(runtime, fn, cfg: LaunchConfig, args, shared_mem: int = 0) -> None:
@@ -212,3 +210,7 @@ class CupyRuntime:
 
     def ascontiguous(self, a):
         return self._cp.ascontiguousarray(a)
+
+    def device_scope(self, a):
+        """Run on the device that holds `a` (arrays on GPU 1 run on GPU 1)."""
+        return a.device

@@ -1,0 +1,180 @@
+// gpuconv common header: prepended (as text) to every kernel source by gpuconv/_kernels.py.
+//
+// * storage types for half and bfloat16 (no cuda_fp16.h needed: NVRTC and the
+//   CPU emulator compile this file unchanged), conversions with inline PTX on
+//   the device and a portable C++ fallback everywhere else;
+// * accumulate type per storage type (half/bfloat16/float -> float, double -> double);
+// * the convolution geometry, always 3 spatial dims (1-D and 2-D problems have
+//   leading size-1 dims), and the kernel parameter list that carries it.
+//
+// Every entry point is extern "C" with a systematic name
+// gpuconv_<pass>_<dtype>[_i32|_i64]; templates live behind them.
+
+#ifndef GPUCONV_COMMON_CUH
+#define GPUCONV_COMMON_CUH
+
+struct gc_half { unsigned short bits; };
+struct gc_bf16 { unsigned short bits; };
+
+__device__ __forceinline__ float gc_bits_to_float(unsigned int u) {
+  union { unsigned int u; float f; } v;
+  v.u = u;
+  return v.f;
+}
+__device__ __forceinline__ unsigned int gc_float_to_bits(float f) {
+  union { unsigned int u; float f; } v;
+  v.f = f;
+  return v.u;
+}
+
+// ---- half <-> float -----------------------------------------------------------------
+__device__ __forceinline__ float gc_half_to_float_portable(unsigned short h) {
+  unsigned int sign = (unsigned int)(h >> 15) << 31;
+  unsigned int exp = (h >> 10) & 0x1fu;
+  unsigned int mant = h & 0x3ffu;
+  if (exp == 0u) {
+    if (mant == 0u) return gc_bits_to_float(sign);
+    int e = -1;  // subnormal: normalise
+    do { ++e; mant <<= 1; } while ((mant & 0x400u) == 0u);
+    return gc_bits_to_float(sign | ((unsigned int)(113 - 1 - e) << 23) | ((mant & 0x3ffu) << 13));
+  }
+  if (exp == 31u) return gc_bits_to_float(sign | 0x7f800000u | (mant << 13));
+  return gc_bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+// round to nearest, ties to even; overflow to inf; NaN stays NaN
+__device__ __forceinline__ unsigned short gc_float_to_half_portable(float f) {
+  unsigned int x = gc_float_to_bits(f);
+  unsigned int sign = (x >> 16) & 0x8000u;
+  unsigned int ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return (unsigned short)(sign | (ax > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (ax >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u);  // >= 65520
+  if (ax < 0x38800000u) {                                          // < 2^-14: subnormal
+    unsigned int e = ax >> 23;
+    if (e < 102u) return (unsigned short)sign;
+    unsigned int m = (ax & 0x7fffffu) | 0x800000u;
+    unsigned int shift = 126u - e;
+    unsigned int r = m >> shift;
+    unsigned int rem = m & ((1u << shift) - 1u);
+    unsigned int halfway = 1u << (shift - 1u);
+    if (rem > halfway || (rem == halfway && (r & 1u))) ++r;
+    return (unsigned short)(sign | r);
+  }
+  unsigned int r = (ax - 0x38000000u) >> 13;
+  unsigned int rem = ax & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1u))) ++r;
+  return (unsigned short)(sign | r);
+}
+
+__device__ __forceinline__ float gc_half_to_float(gc_half h) {
+#if defined(__CUDA_ARCH__)
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h.bits));
+  return f;
+#else
+  return gc_half_to_float_portable(h.bits);
+#endif
+}
+
+__device__ __forceinline__ gc_half gc_float_to_half(float f) {
+  gc_half h;
+#if defined(__CUDA_ARCH__)
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(f));
+#else
+  h.bits = gc_float_to_half_portable(f);
+#endif
+  return h;
+}
+
+// ---- bfloat16 <-> float ---------------------------------------------------------------
+__device__ __forceinline__ float gc_bf16_to_float(gc_bf16 b) {
+  return gc_bits_to_float((unsigned int)b.bits << 16);
+}
+
+__device__ __forceinline__ unsigned short gc_float_to_bf16_portable(float f) {
+  unsigned int x = gc_float_to_bits(f);
+  if ((x & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((x >> 16) | 0x0040u);  // quiet NaN
+  x += 0x7fffu + ((x >> 16) & 1u);
+  return (unsigned short)(x >> 16);
+}
+
+__device__ __forceinline__ gc_bf16 gc_float_to_bf16(float f) {
+  gc_bf16 b;
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b.bits) : "f"(f));
+#else
+  b.bits = gc_float_to_bf16_portable(f);
+#endif
+  return b;
+}
+
+// ---- type traits: accumulate type, load/store ----------------------------------------
+template <typename T> struct gc_acc { typedef float type; };
+template <> struct gc_acc<double> { typedef double type; };
+
+__device__ __forceinline__ float gc_load(const float* p) { return *p; }
+__device__ __forceinline__ double gc_load(const double* p) { return *p; }
+__device__ __forceinline__ float gc_load(const gc_half* p) { return gc_half_to_float(*p); }
+__device__ __forceinline__ float gc_load(const gc_bf16* p) { return gc_bf16_to_float(*p); }
+
+__device__ __forceinline__ void gc_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void gc_store(double* p, double v) { *p = v; }
+__device__ __forceinline__ void gc_store(gc_half* p, float v) { *p = gc_float_to_half(v); }
+__device__ __forceinline__ void gc_store(gc_bf16* p, float v) { *p = gc_float_to_bf16(v); }
+
+__device__ __forceinline__ int gc_min(int a, int b) { return a < b ? a : b; }
+__device__ __forceinline__ int gc_max(int a, int b) { return a > b ? a : b; }
+// floor division for any sign of a, b > 0
+__device__ __forceinline__ int gc_floordiv(int a, int b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+__device__ __forceinline__ int gc_ceildiv(int a, int b) { return -gc_floordiv(-a, b); }
+
+// ---- geometry ---------------------------------------------------------------------------
+// x (N, C, D, H, W), w (K, C/G, KD, KH, KW), y (N, K, OD, OH, OW)
+struct gc_geo {
+  int N, C, K, G, Cg, Kg;
+  int D, H, W;
+  int KD, KH, KW;
+  int OD, OH, OW;
+  int sd, sh, sw;
+  int dd, dh, dw;
+  int pd, ph, pw;
+};
+
+#define GC_GEO_PARAMS                                                                       \
+  int N, int C, int K, int G, int D, int H, int W, int KD, int KH, int KW, int OD, int OH,  \
+      int OW, int sd, int sh, int sw, int dd, int dh, int dw, int pd, int ph, int pw
+#define GC_GEO_MAKE                                                                         \
+  gc_make_geo(N, C, K, G, D, H, W, KD, KH, KW, OD, OH, OW, sd, sh, sw, dd, dh, dw, pd, ph, pw)
+
+__device__ __forceinline__ gc_geo gc_make_geo(int N, int C, int K, int G, int D, int H, int W,
+                                              int KD, int KH, int KW, int OD, int OH, int OW,
+                                              int sd, int sh, int sw, int dd, int dh, int dw,
+                                              int pd, int ph, int pw) {
+  gc_geo g;
+  g.N = N; g.C = C; g.K = K; g.G = G; g.Cg = C / G; g.Kg = K / G;
+  g.D = D; g.H = H; g.W = W;
+  g.KD = KD; g.KH = KH; g.KW = KW;
+  g.OD = OD; g.OH = OH; g.OW = OW;
+  g.sd = sd; g.sh = sh; g.sw = sw;
+  g.dd = dd; g.dh = dh; g.dw = dw;
+  g.pd = pd; g.ph = ph; g.pw = pw;
+  return g;
+}
+
+// Taps of one spatial dim that read input positions inside [0, L) for output o:
+// i = o*s - p + r*d, 0 <= i < L  <=>  r in [lo, hi).
+__device__ __forceinline__ void gc_tap_range(int o, int s, int p, int d, int L, int R, int& lo,
+                                             int& hi) {
+  int i0 = o * s - p;
+  lo = gc_max(0, gc_ceildiv(-i0, d));
+  hi = gc_min(R, gc_floordiv(L - 1 - i0, d) + 1);
+}
+
+// Emit an entry point for every dtype: MACRO(suffix, storage type)
+#define GC_FOR_EACH_DTYPE(MACRO) \
+  MACRO(f16, gc_half)            \
+  MACRO(bf16, gc_bf16)           \
+  MACRO(f32, float)              \
+  MACRO(f64, double)
+
+#endif  // GPUCONV_COMMON_CUH

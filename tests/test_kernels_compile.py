@@ -1,0 +1,203 @@
+"""Every CUDA entry point compiles -- without a GPU -- with no warnings and no spills.
+
+NVRTC through CuPy's compiler (``nvidia-cuda-nvrtc`` from PyPI makes it work with
+no driver) for sm_80 and sm_90, and nvcc -cubin -Xptxas -v where nvcc exists.
+Also the launch helper's arithmetic for huge shapes, without launching.
+"""
+import io
+import math
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from gpuconv import _kernels as K
+from gpuconv._cuda_backend import _geo_args, dgrad_phases, wgrad_plan
+from gpuconv._geometry import conv_geometry
+
+ARCHS = ("sm_80", "sm_90")
+
+
+def _ptxas_report(log):
+    """{entry name: (registers, spill stores, spill loads, stack bytes)} from ptxas -v output."""
+    out = {}
+    for block in log.split("Compiling entry function")[1:]:
+        name = block.split("'")[1]
+        spill = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+                          block)
+        regs = re.search(r"Used (\d+) registers", block)
+        assert spill and regs, f"unparsed ptxas report for {name}:\n{block}"
+        out[name] = (int(regs.group(1)), int(spill.group(2)), int(spill.group(3)),
+                     int(spill.group(1)))
+    return out
+
+
+def _nvrtc_compiler():
+    compiler = pytest.importorskip("cupy.cuda.compiler",
+                                   reason="CuPy is not installed: NVRTC checks need cupy-cuda13x")
+    try:
+        prog = compiler._NVRTCProgram('extern "C" __global__ void f() {}', "probe.cu",
+                                      method="cubin")
+        prog.compile(options=("--gpu-architecture=sm_80",))
+    except Exception as e:  # no NVRTC library
+        pytest.skip(f"NVRTC is not usable here ({type(e).__name__}: {e}); "
+                    f"pip install nvidia-cuda-nvrtc")
+    return compiler
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("pass_name", K.PASSES)
+def test_nvrtc_compiles_every_entry_point_without_warnings_or_spills(pass_name, arch):
+    compiler = _nvrtc_compiler()
+    src = K.full_source(pass_name)
+    prog = compiler._NVRTCProgram(src, f"{pass_name}.cu", method="cubin")
+    log = io.StringIO()
+    cubin, _ = prog.compile(options=(f"--gpu-architecture={arch}",) + K.compile_options()
+                            + ("-Xptxas=-v",), log_stream=log)
+    text = log.getvalue()
+    assert cubin
+    assert "warning" not in text.lower(), text
+    report = _ptxas_report(text)
+    expected = set(K.entry_names(pass_name))
+    assert expected <= set(report), f"missing entry points: {sorted(expected - set(report))}"
+    spilled = {n: r for n, r in report.items() if r[1] or r[2]}
+    assert not spilled, f"register spills (name: regs, stores, loads, stack): {spilled}"
+
+
+@pytest.mark.parametrize("pass_name", K.PASSES)
+def test_nvcc_cubin_sm90_no_warnings_no_spills(pass_name, tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH")
+    src = tmp_path / f"{pass_name}.cu"
+    src.write_text(K.full_source(pass_name))
+    r = subprocess.run([nvcc, "-cubin", "-arch=sm_90", "-std=c++14", "-Xptxas", "-v",
+                        "-Werror", "all-warnings", "-o", str(tmp_path / "out.cubin"), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "warning" not in r.stderr.lower(), r.stderr
+    report = _ptxas_report(r.stderr)
+    assert set(K.entry_names(pass_name)) <= set(report)
+    assert not {n: v for n, v in report.items() if v[1] or v[2]}, report
+
+
+def test_entry_point_names_are_systematic():
+    names = K.all_entry_names()
+    assert len(names) == len(set(names))
+    for n in names:
+        assert re.fullmatch(r"gpuconv_(fwd|dgrad|wgrad|wgrad_reduce)_(f16|bf16|f32|f64)(_i32|_i64)?", n), n
+    assert "gpuconv_fwd_bf16_i64" in names and "gpuconv_wgrad_reduce_f64" in names
+
+
+def test_sources_are_self_contained_and_use_no_std_headers():
+    for p in K.PASSES:
+        src = K.full_source(p)
+        assert "#include" not in src, "kernels must not #include (CuPy's cache key is the text)"
+        assert src.startswith("// ---- common.cuh")
+
+
+# ----------------------------------------------------------------------------- launch arithmetic
+def test_grid_1d_caps_grid_and_stays_within_limits():
+    for work in (0, 1, 255, 256, 257, 10**6, 2**31 - 1, 2**31, 2**40, 2**62):
+        cfg = K.grid_1d(work)
+        K.check_config(cfg)
+        assert cfg.block == (256, 1, 1)
+        assert 1 <= cfg.grid[0] <= K.MAX_BLOCKS_1D
+        if work <= K.MAX_BLOCKS_1D * 256:
+            assert cfg.grid[0] * 256 >= work  # one pass covers everything
+            assert (cfg.grid[0] - 1) * 256 < max(work, 1)
+
+
+@pytest.mark.parametrize("cfg,msg", [
+    (K.LaunchConfig((0, 1, 1), (256, 1, 1)), "grid[0]"),
+    (K.LaunchConfig((2**31, 1, 1), (256, 1, 1)), "grid[0]"),
+    (K.LaunchConfig((1, 65536, 1), (256, 1, 1)), "grid[1]"),
+    (K.LaunchConfig((1, 1, 1), (2048, 1, 1)), "block[0]"),
+    (K.LaunchConfig((1, 1, 1), (64, 32, 1)), "2048 threads"),
+    (K.LaunchConfig((1, 1, 1), (1, 1, 65)), "block[2]"),
+])
+def test_check_config_rejects_out_of_range_launches(cfg, msg):
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        K.check_config(cfg)
+
+
+def test_check_config_rejects_too_much_shared_memory():
+    with pytest.raises(ValueError, match="shared_mem"):
+        K.check_config(K.LaunchConfig((1, 1, 1), (32, 1, 1)), shared_mem=1 << 20)
+
+
+def test_launch_refuses_untyped_python_scalars():
+    class Never:
+        def launch(self, *a):
+            raise AssertionError("must not launch")
+    with pytest.raises(TypeError, match="untyped Python scalar"):
+        K.launch(Never(), None, K.grid_1d(10), (np.int32(1), 5))
+
+
+def test_int64_switch():
+    assert not K.needs_int64(10, 2**20, K.INT32_SAFE)
+    assert K.needs_int64(10, K.INT32_SAFE + 1)
+    assert K.needs_int64(2**31)
+    # the margin covers a grid-stride step past the end: idx + stride stays below 2^31
+    assert K.INT32_SAFE + K.MAX_BLOCKS_1D * K.MAX_THREADS_PER_BLOCK <= 2**31 - 1
+
+
+def test_backend_picks_i64_for_huge_tensors_without_launching():
+    from gpuconv._cuda_backend import CudaBackend
+
+    class Rt:
+        name, xp = "fake", np
+
+        def device_key(self):
+            return 0
+
+    be = CudaBackend(Rt())
+    picked = []
+    be.modules.function = lambda p, n: picked.append(n) or n
+    g_small = conv_geometry("t", (2, 3, 8, 8), (4, 3, 3, 3), dtype=np.float32)
+    g_huge = conv_geometry("t", (1, 1, 2**16, 2**15 + 2), (1, 1, 3, 3), dtype=np.float16)
+    assert be._fn("fwd", g_small, 384, 108, 288)[1] == "i32"
+    big = math.prod(g_huge.x_shape)
+    assert big > 2**31
+    assert be._fn("fwd", g_huge, big, 9, math.prod(g_huge.y_shape))[1] == "i64"
+    assert picked == ["gpuconv_fwd_f32_i32", "gpuconv_fwd_f16_i64"]
+
+
+@pytest.mark.parametrize("welems,red", [(1, 1), (9, 10**6), (36864, 25088), (2359296, 392),
+                                        (10**9, 10**9), (1, 2**40), (2**33, 8)])
+def test_wgrad_plan_covers_reduction_within_grid_limits(welems, red):
+    gx, splits, chunk = wgrad_plan(welems, red)
+    K.check_config(K.LaunchConfig((gx, splits, 1), (256, 1, 1)))
+    assert splits * chunk >= red and (splits - 1) * chunk < red  # no empty split
+    assert gx <= min(welems, K.MAX_BLOCKS_1D)
+
+
+def test_geo_args_pad_lower_ranks_to_three_dims():
+    g = conv_geometry("t", (2, 4, 9), (6, 2, 3), stride=2, padding=(1, 2), dilation=3, groups=2)
+    a = _geo_args(g)
+    assert all(type(v) is np.int32 for v in a)
+    N, C, Kc, G, D, H, W, KD, KH, KW, OD, OH, OW, sd, sh, sw, dd, dh, dw, pd, ph, pw = map(int, a)
+    assert (N, C, Kc, G) == (2, 4, 6, 2)
+    assert (D, H, W, KD, KH, KW) == (1, 1, 9, 1, 1, 3)
+    assert (OD, OH, OW) == (1, 1) + g.out_spatial
+    assert (sd, sh, sw, dd, dh, dw, pd, ph, pw) == (1, 1, 2, 1, 1, 3, 0, 0, 1)
+
+
+@pytest.mark.parametrize("s", range(1, 7))
+@pytest.mark.parametrize("d", range(1, 7))
+def test_dgrad_phase_parameters_enumerate_exactly_the_contributing_taps(s, d):
+    """Host half of the stride-phase decomposition: r0 + j*step are exactly the
+    taps with r*d = q (mod s) -- checked against brute force for every residue."""
+    g = conv_geometry("t", (1, 1, 40), (1, 1, 7), stride=s, dilation=d)
+    step, inv, gcd = (int(v) for v in dgrad_phases(g)[6:9])
+    for q in range(3 * s):
+        want = [r for r in range(30) if (r * d - q) % s == 0]
+        res = q % s
+        if res % gcd:
+            got = []
+        else:
+            r0 = ((res // gcd) * inv) % step
+            got = list(range(r0, 30, step))
+        assert got == want, (s, d, q)
