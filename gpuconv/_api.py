@@ -94,9 +94,10 @@ def _weight_grad(op, x, gy, g, ns, backend, shared=False):
     return be.weight_grad(x, gy, g)
 
 
-def _geometry(op, x_shape, w_shape, stride, padding, dilation, groups, dtype):
+def _geometry(op, x_shape, w_shape, stride, padding, dilation, groups, dtype,
+              names=("x.shape", "weight.shape")):
     return geo.conv_geometry(op, x_shape, w_shape, stride=stride, padding=padding,
-                             dilation=dilation, groups=groups, dtype=dtype)
+                             dilation=dilation, groups=groups, dtype=dtype, names=names)
 
 
 # ----------------------------------------------------------------------------- generic
@@ -151,7 +152,8 @@ def conv_input_grad(grad_out, weight, input_shape, *, stride=1, padding=0, dilat
     ns = array_namespace(op, grad_out=grad_out, weight=weight)
     dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
     input_shape = geo._shape_of(op, "input_shape", input_shape)
-    g = _geometry(op, input_shape, weight.shape, stride, padding, dilation, groups, dtype)
+    g = _geometry(op, input_shape, weight.shape, stride, padding, dilation, groups, dtype,
+                  names=("input_shape", "weight.shape"))
     _grad_out_check(op, grad_out, g)
     return _input_grad(op, grad_out, weight, g, ns, backend)
 
@@ -167,7 +169,8 @@ def conv_weight_grad(x, grad_out, weight_shape, *, stride=1, padding=0, dilation
     ns = array_namespace(op, x=x, grad_out=grad_out)
     dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
     weight_shape = geo._shape_of(op, "weight_shape", weight_shape)
-    g = _geometry(op, x.shape, weight_shape, stride, padding, dilation, groups, dtype)
+    g = _geometry(op, x.shape, weight_shape, stride, padding, dilation, groups, dtype,
+                  names=("x.shape", "weight_shape"))
     _grad_out_check(op, grad_out, g)
     return _weight_grad(op, x, grad_out, g, ns, backend)
 
@@ -193,7 +196,7 @@ def conv_output_shape(input_shape, weight_shape, *, stride=1, padding=0, dilatio
     """Shape ``(N, K, *out)`` of ``conv(x, w, ...)`` for x of ``input_shape`` and w of
     ``weight_shape``, with every argument validated as ``conv`` would."""
     g = _geometry("conv_output_shape", input_shape, weight_shape, stride, padding, dilation,
-                  groups, np.float32)
+                  groups, np.float32, names=("input_shape", "weight_shape"))
     return g.y_shape
 
 

@@ -206,23 +206,26 @@ def _shape_of(op: str, name: str, shape) -> tuple:
 
 
 def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1, groups=1,
-                  dtype=np.float32, allow_string_padding=True) -> ConvGeometry:
+                  dtype=np.float32, allow_string_padding=True,
+                  names=("x.shape", "weight.shape")) -> ConvGeometry:
     """Validate a forward convolution x * w and derive every size.
 
     x_shape: (N, C, *spatial); w_shape: (K, C // groups, *kernel).  The spatial
-    rank is taken from the weight.
+    rank is taken from the weight.  ``names`` label the two shapes in error
+    messages (the gradients pass e.g. ``"input_shape"`` / ``"weight_shape"``).
     """
-    x_shape = _shape_of(op, "x.shape", x_shape)
-    w_shape = _shape_of(op, "weight.shape", w_shape)
+    xn, wn = names
+    x_shape = _shape_of(op, xn, x_shape)
+    w_shape = _shape_of(op, wn, w_shape)
     if len(w_shape) not in (3, 4, 5):
         raise ValueError(
             f"{op}: weight must have shape (K, C/groups, *kernel) with 1, 2 or 3 kernel dims, "
-            f"got weight.shape={_fmt_shape(w_shape)} ({len(w_shape)} dims)")
+            f"got {wn}={_fmt_shape(w_shape)} ({len(w_shape)} dims)")
     nd = len(w_shape) - 2
     if len(x_shape) != nd + 2:
         raise ValueError(
             f"{op}: x must have shape (N, C, *spatial) with {nd} spatial dims to match "
-            f"weight.shape={_fmt_shape(w_shape)}, got x.shape={_fmt_shape(x_shape)} "
+            f"{wn}={_fmt_shape(w_shape)}, got {xn}={_fmt_shape(x_shape)} "
             f"({len(x_shape)} dims)")
     N, C = x_shape[:2]
     K, Cg = w_shape[:2]
@@ -232,19 +235,19 @@ def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1,
         raise ValueError(f"{op}: groups={groups!r} must be >= 1")
     if C % g:
         raise ValueError(f"{op}: groups={g} does not divide input channels C={C} "
-                         f"(x.shape={_fmt_shape(x_shape)})")
+                         f"({xn}={_fmt_shape(x_shape)})")
     if K % g:
         raise ValueError(f"{op}: groups={g} does not divide output channels K={K} "
-                         f"(weight.shape={_fmt_shape(w_shape)})")
+                         f"({wn}={_fmt_shape(w_shape)})")
     if Cg * g != C:
         raise ValueError(
             f"{op}: channel mismatch: x has C={C} channels, so with groups={g} weight.shape[1] "
-            f"must be C/groups={C // g}, got weight.shape={_fmt_shape(w_shape)}")
+            f"must be C/groups={C // g}, got {wn}={_fmt_shape(w_shape)}")
     if K == 0 or C == 0 or min(kernel, default=1) < 1:
-        raise ValueError(f"{op}: empty channel or kernel dimension: x.shape={_fmt_shape(x_shape)}, "
-                         f"weight.shape={_fmt_shape(w_shape)}")
+        raise ValueError(f"{op}: empty channel or kernel dimension: {xn}={_fmt_shape(x_shape)}, "
+                         f"{wn}={_fmt_shape(w_shape)}")
     if min(in_spatial) < 1:
-        raise ValueError(f"{op}: x.shape={_fmt_shape(x_shape)} has an empty spatial dimension")
+        raise ValueError(f"{op}: {xn}={_fmt_shape(x_shape)} has an empty spatial dimension")
     s = _int_tuple(op, "stride", stride, nd, 1)
     d = _int_tuple(op, "dilation", dilation, nd, 1)
     lo, hi = resolve_padding(op, padding, in_spatial, kernel, s, d,
@@ -257,7 +260,7 @@ def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1,
             f"{op}: effective kernel size {eff} (kernel {kernel[i]}, dilation {d[i]}) exceeds the "
             f"padded input size {in_spatial[i] + lo[i] + hi[i]} (input {in_spatial[i]}, padding "
             f"({lo[i]}, {hi[i]})) in spatial dim {i}: output size would be {out[i]}; "
-            f"x.shape={_fmt_shape(x_shape)}, weight.shape={_fmt_shape(w_shape)}")
+            f"{xn}={_fmt_shape(x_shape)}, {wn}={_fmt_shape(w_shape)}")
     return ConvGeometry(op=op, N=N, C=C, K=K, groups=g, in_spatial=in_spatial, kernel=kernel,
                         out_spatial=out, stride=s, dilation=d, pad_lo=lo, pad_hi=hi,
                         dtype=np.dtype(dtype))

@@ -89,12 +89,15 @@ def conv_weight_grad(x, gy, weight_shape, *, stride=1, padding=0, dilation=1, gr
     assert gy.shape == g.y_shape, (gy.shape, g.y_shape)
     G, Cg, Kg = g.groups, g.Cg, g.Kg
     gw = np.zeros(g.w_shape)
+    P = int(np.prod(g.out_spatial))
     for tap in itertools.product(*[range(r) for r in g.kernel]):
         grids, valid = _gather_index(g, tap)
         patch = x[(slice(None), slice(None)) + tuple(grids)] * valid
         for gi in range(G):
+            # einsum cannot sum over '...' dims: flatten the output positions first
             gw[(slice(gi * Kg, (gi + 1) * Kg), slice(None)) + tap] = np.einsum(
-                "nk...,nc...->kc", gy[:, gi * Kg:(gi + 1) * Kg], patch[:, gi * Cg:(gi + 1) * Cg])
+                "nkp,ncp->kc", gy[:, gi * Kg:(gi + 1) * Kg].reshape(g.N, Kg, P),
+                patch[:, gi * Cg:(gi + 1) * Cg].reshape(g.N, Cg, P))
     return gw
 
 
