@@ -1,0 +1,130 @@
+"""Shared fixtures: one test body, three runtimes.
+
+* ``backend`` -- parametrized over ``numpy``, ``cudasim`` and ``cupy``; forces the
+  backend with :func:`gpuconv.use_backend` for the test and yields its name.
+  ``cudasim`` runs automatically as soon as the emulator reports itself usable;
+  ``cupy`` is marked ``gpu`` and skipped unless a CUDA device works.
+* ``to_backend`` / ``to_host`` -- move numpy test data to the backend's array type
+  and back (``cupy.asarray`` / ``cupy.asnumpy`` for cupy, identity otherwise).
+* While a numpy-backend test runs, every ``np.empty``/``np.empty_like`` made by
+  the library is poisoned with NaN, so an output element a backend forgets to
+  write shows up (fresh memory from the OS is zero and would hide it).
+* Any test marked ``gpu`` is skipped when no CUDA device works.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import numpy as np
+import pytest
+
+import gpuconv
+from gpuconv import testing as gt
+
+BACKENDS = ("numpy", "cudasim", "cupy")
+
+
+@functools.lru_cache(maxsize=None)
+def backend_status(name):
+    """(usable, reason) from gpuconv's own probes (cached for the session)."""
+    info = gpuconv.backend_info()["backends"][name]
+    return bool(info["usable"]), info.get("reason")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [it for it in items if it.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    ok, reason = backend_status("cupy")
+    if ok:
+        return
+    skip = pytest.mark.skip(reason=f"no working CUDA device: {reason}")
+    for it in gpu_items:
+        it.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------- poisoning
+class _PoisonedNumpy:
+    """Stands in for the ``np`` global of the library modules: numpy, except that
+    ``empty``/``empty_like`` come back filled with NaN (floating dtypes)."""
+
+    def __init__(self, np_module):
+        self._np = np_module
+
+    def __getattr__(self, name):
+        return getattr(self._np, name)
+
+    @staticmethod
+    def _poison(a):
+        try:
+            if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+                a.fill(np.nan)
+        except (TypeError, ValueError):
+            pass
+        return a
+
+    def empty(self, *args, **kwargs):
+        return self._poison(self._np.empty(*args, **kwargs))
+
+    def empty_like(self, *args, **kwargs):
+        return self._poison(self._np.empty_like(*args, **kwargs))
+
+
+@contextlib.contextmanager
+def poisoned_numpy_allocations():
+    """Patch the ``np`` global of gpuconv's numpy-side modules for the duration."""
+    from gpuconv import _api, _numpy_backend
+    mods = [_api, _numpy_backend]
+    saved = [m.np for m in mods]
+    try:
+        for m in mods:
+            m.np = _PoisonedNumpy(np)
+        yield
+    finally:
+        for m, old in zip(mods, saved):
+            m.np = old
+
+
+# ----------------------------------------------------------------------------- fixtures
+def _backend_params():
+    params = []
+    for name in BACKENDS:
+        marks = [pytest.mark.gpu] if name == "cupy" else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request):
+    """Name of the backend this test runs on, forced for the test's duration."""
+    name = request.param
+    ok, reason = backend_status(name)
+    if not ok:
+        pytest.skip(f"backend {name!r} is not usable here: {reason}")
+    poison = poisoned_numpy_allocations() if name == "numpy" else contextlib.nullcontext()
+    with gpuconv.use_backend(name), poison:
+        yield name
+
+
+@pytest.fixture
+def to_backend(backend):
+    """Callable: numpy array -> the backend's array type (None passes through)."""
+    def move(a):
+        return None if a is None else gt.as_backend_array(a, backend)
+    return move
+
+
+@pytest.fixture
+def to_host():
+    """Callable: backend array -> numpy array."""
+    return gt.to_numpy
+
+
+@pytest.fixture
+def array_type(backend):
+    """The array type results on ``backend`` must have."""
+    if backend == "cupy":
+        import cupy
+        return cupy.ndarray
+    return np.ndarray
