@@ -53,7 +53,8 @@ def conv(x, w, bias=None, *, stride=1, padding=0, dilation=1, groups=1):
     y = np.zeros(g.y_shape)
     for tap in itertools.product(*[range(r) for r in g.kernel]):
         grids, valid = _gather_index(g, tap)
-        patch = x[(slice(None), slice(None)) + tuple(grids)] * valid  # (N, C, *P)
+        # np.where, not "* valid": a NaN/Inf read through a clamped index must not leak
+        patch = np.where(valid, x[(slice(None), slice(None)) + tuple(grids)], 0.0)  # (N, C, *P)
         for gi in range(G):
             wk = w[(slice(gi * Kg, (gi + 1) * Kg), slice(None)) + tap]  # (Kg, Cg)
             y[:, gi * Kg:(gi + 1) * Kg] += np.einsum("kc,nc...->nk...", wk,
@@ -74,7 +75,8 @@ def conv_input_grad(gy, w, input_shape, *, stride=1, padding=0, dilation=1, grou
         grids, valid = _gather_index(g, tap)
         for gi in range(G):
             wk = w[(slice(gi * Kg, (gi + 1) * Kg), slice(None)) + tap]  # (Kg, Cg)
-            contrib = np.einsum("kc,nk...->nc...", wk, gy[:, gi * Kg:(gi + 1) * Kg]) * valid
+            contrib = np.where(valid, np.einsum("kc,nk...->nc...", wk,
+                                                gy[:, gi * Kg:(gi + 1) * Kg]), 0.0)
             # scatter-add each output position's contribution to the input position it read
             for n in range(g.N):
                 for c in range(Cg):
@@ -92,7 +94,7 @@ def conv_weight_grad(x, gy, weight_shape, *, stride=1, padding=0, dilation=1, gr
     P = int(np.prod(g.out_spatial))
     for tap in itertools.product(*[range(r) for r in g.kernel]):
         grids, valid = _gather_index(g, tap)
-        patch = x[(slice(None), slice(None)) + tuple(grids)] * valid
+        patch = np.where(valid, x[(slice(None), slice(None)) + tuple(grids)], 0.0)
         for gi in range(G):
             # einsum cannot sum over '...' dims: flatten the output positions first
             gw[(slice(gi * Kg, (gi + 1) * Kg), slice(None)) + tap] = np.einsum(
