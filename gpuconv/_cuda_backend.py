@@ -8,7 +8,9 @@ work on the runtime's current stream and never synchronises the host.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import os
 
 import numpy as np
 
@@ -46,18 +48,75 @@ def dgrad_phases(g):
 
 def wgrad_plan(welems: int, red: int, threads: int = 256, target_blocks: int = 2048,
                min_per_split: int = 4 * 256):
-    """(grid_x, splits, chunk) for the split weight-gradient reduction.
+    """(grid_x, splits, chunk) for the direct split weight-gradient reduction.
 
-    welems weight elements, each reduced over `red` positions; splits over the
-    reduction (grid y, <= 65535) are added until about `target_blocks` blocks
-    exist, keeping at least `min_per_split` positions per split.
+    welems weight elements (one block each, grid-stride), each reduced over
+    `red` positions; splits over the reduction (grid y) are added until about
+    `target_blocks` blocks exist, keeping at least `min_per_split` positions each.
     """
     grid_x = max(1, min(welems, K.MAX_BLOCKS_1D))
-    want = max(1, -(-target_blocks // max(welems, 1)))
-    splits = max(1, min(want, red // min_per_split, K.MAX_GRID[1]))
-    chunk = max(1, -(-red // splits))
-    splits = max(1, -(-red // chunk))
+    splits, chunk = split_reduction(grid_x, red, target_blocks, min_per_split, 1)
     return grid_x, splits, chunk
+
+
+def split_reduction(blocks: int, red: int, target_blocks: int, min_per_split: int, align: int):
+    """(splits, chunk): cut a reduction of length `red` into `splits` slices of `chunk`
+    (a multiple of `align`) so that blocks*splits approaches target_blocks; never an
+    empty slice, never more than the grid-dimension limit 65535."""
+    want = max(1, -(-target_blocks // max(blocks, 1)))
+    splits = max(1, min(want, red // max(min_per_split, 1), K.MAX_GRID[1]))
+    chunk = -(-red // splits)
+    chunk = max(align, -(-chunk // align) * align)
+    splits = max(1, -(-red // chunk))
+    return splits, chunk
+
+
+TILE = 64  # the tiled kernels' M and N tile (GC_TM/GC_TN, GC_WT_M/GC_WT_N)
+TILE_K = 16
+
+
+def _algo():
+    """GPUCONV_CUDA_ALGO: 'auto' (default), 'direct' or 'tiled' (tests force each)."""
+    a = os.environ.get("GPUCONV_CUDA_ALGO", "auto").strip().lower() or "auto"
+    if a not in ("auto", "direct", "tiled"):
+        raise ValueError(f"GPUCONV_CUDA_ALGO={a!r}: expected auto, direct or tiled")
+    return a
+
+
+def use_tiled(g) -> bool:
+    """Implicit-GEMM tiles pay off for dense/grouped layers; depthwise-like layers
+    (few channels per group) use the direct kernels.  Grid y = groups * M tiles
+    must fit 65535."""
+    fits = g.groups * -(-g.Kg // TILE) <= K.MAX_GRID[1]
+    algo = _algo()
+    if algo == "direct" or not fits:
+        return False
+    if algo == "tiled":
+        return True
+    return g.Kg >= 8 and g.Cg * g.taps >= 8
+
+
+def dgrad_as_forward(g):
+    """Geometry of the stride-1 input gradient written as a forward convolution of
+    grad_out with the flipped, channel-swapped weight, or None when that needs a
+    negative padding (padding wider than the kernel's reach) or stride > 1."""
+    if any(s != 1 for s in g.stride):
+        return None
+    reach = tuple(d * (k - 1) for d, k in zip(g.dilation, g.kernel))
+    lo = tuple(r - p for r, p in zip(reach, g.pad_lo))
+    hi = tuple(r - p for r, p in zip(reach, g.pad_hi))
+    if min(lo + hi) < 0:
+        return None
+    return dataclasses.replace(g, C=g.K, K=g.C, in_spatial=g.out_spatial,
+                               out_spatial=g.in_spatial, pad_lo=lo, pad_hi=hi)
+
+
+def flip_weight(xp, w, g):
+    """w (K, C/G, *k) -> w' (C, K/G, *k) with w'[c, k', t] = w[k, c', T-1-t] per group."""
+    G, Kg, Cg = g.groups, g.Kg, g.Cg
+    wv = w.reshape((G, Kg, Cg) + g.kernel).swapaxes(1, 2)
+    wv = wv[(Ellipsis,) + (slice(None, None, -1),) * g.nd]
+    return wv.reshape((g.C, Kg) + g.kernel)
 
 
 class CudaBackend:
@@ -79,26 +138,43 @@ class CudaBackend:
     def _suffix(g):
         return K.DTYPES[np.dtype(g.dtype).name][0]
 
-    def _fn(self, pass_name, g, *sizes):
+    def _fn(self, pass_name, g, *sizes, kind=None):
         isuf = "i64" if K.needs_int64(*sizes) else "i32"
-        return self.modules.function(pass_name, f"gpuconv_{pass_name}_{self._suffix(g)}_{isuf}"), isuf
+        name = f"gpuconv_{kind or pass_name}_{self._suffix(g)}_{isuf}"
+        return self.modules.function(pass_name, name), isuf
 
     # ------------------------------------------------------------------ passes
     def forward(self, x, w, bias, g):
-        rt = self.rt
         with self._device(x):
-            xc, wc = rt.ascontiguous(x), rt.ascontiguous(w)
-            bc = rt.ascontiguous(bias) if bias is not None else wc
-            y = rt.empty(g.y_shape, g.dtype)
-            total = math.prod(g.y_shape)
+            return self._forward(x, w, bias, g)
+
+    def _forward(self, x, w, bias, g):
+        rt = self.rt
+        xc, wc = rt.ascontiguous(x), rt.ascontiguous(w)
+        bc = rt.ascontiguous(bias) if bias is not None else wc
+        y = rt.empty(g.y_shape, g.dtype)
+        total = math.prod(g.y_shape)
+        args = (xc, wc, bc, y) + _geo_args(g) + (np.int32(bias is not None),)
+        if use_tiled(g):
+            fn, _ = self._fn("fwd", g, xc.size, wc.size, total, kind="fwdtile")
+            npq = g.N * math.prod(g.out_spatial)
+            cfg = K.LaunchConfig((-(-npq // TILE), g.groups * -(-g.Kg // TILE), 1), (256, 1, 1))
+            K.launch(rt, fn, cfg, args, shared_mem=2 * TILE_K * TILE * self._acc_size(g))
+        else:
             fn, _ = self._fn("fwd", g, xc.size, wc.size, total)
-            K.launch(rt, fn, K.grid_1d(total),
-                     (xc, wc, bc, y) + _geo_args(g) + (np.int32(bias is not None),))
+            K.launch(rt, fn, K.grid_1d(total), args)
         return y
+
+    @staticmethod
+    def _acc_size(g):
+        return 8 if np.dtype(g.dtype) == np.float64 else 4
 
     def input_grad(self, gy, w, g):
         rt = self.rt
         with self._device(gy):
+            g2 = dgrad_as_forward(g)
+            if g2 is not None and use_tiled(g2):
+                return self._forward(gy, flip_weight(self.xp, w, g), None, g2)
             gyc, wc = rt.ascontiguous(gy), rt.ascontiguous(w)
             gx = rt.empty(g.x_shape, g.dtype)
             total = math.prod(g.x_shape)
@@ -111,17 +187,26 @@ class CudaBackend:
         acc = np.float64 if np.dtype(g.dtype) == np.float64 else np.float32
         welems = math.prod(g.w_shape)
         red = g.N * math.prod(g.out_spatial)
-        grid_x, splits, chunk = wgrad_plan(welems, red)
+        tiled = use_tiled(g)
+        if tiled:
+            ntiles = -(-(g.Cg * g.taps) // TILE)
+            mtiles = g.groups * -(-g.Kg // TILE)
+            splits, chunk = split_reduction(ntiles * mtiles, red, 1024, 256, TILE_K)
+            cfg = K.LaunchConfig((ntiles, mtiles, splits), (256, 1, 1))
+            smem = 2 * TILE_K * TILE * self._acc_size(g)
+        else:
+            grid_x, splits, chunk = wgrad_plan(welems, red)
+            cfg = K.LaunchConfig((grid_x, splits, 1), (256, 1, 1))
+            smem = (256 // 32) * self._acc_size(g)
         with self._device(x):
             xc, gyc = rt.ascontiguous(x), rt.ascontiguous(gy)
             partial = rt.empty((splits, welems), acc)
             gw = rt.empty(g.w_shape, g.dtype)
-            fn, isuf = self._fn("wgrad", g, xc.size, gyc.size, splits * welems)
+            fn, isuf = self._fn("wgrad", g, xc.size, gyc.size, splits * welems,
+                                kind="wgradtile" if tiled else None)
             ityp = np.int64 if isuf == "i64" else np.int32
-            threads = 256
-            smem = (threads // 32) * np.dtype(acc).itemsize
-            K.launch(rt, fn, K.LaunchConfig((grid_x, splits, 1), (threads, 1, 1)),
-                     (xc, gyc, partial) + _geo_args(g) + (ityp(chunk),), shared_mem=smem)
+            K.launch(rt, fn, cfg, (xc, gyc, partial) + _geo_args(g) + (ityp(chunk),),
+                     shared_mem=smem)
             red_fn = self.modules.function("wgrad", f"gpuconv_wgrad_reduce_{self._suffix(g)}")
             K.launch(rt, red_fn, K.grid_1d(welems), (partial, gw, np.int64(welems),
                                                      np.int32(splits)))

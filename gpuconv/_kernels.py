@@ -34,9 +34,11 @@ DTYPES = {
 PASSES = ("fwd", "dgrad", "wgrad")
 # source file of each pass and the entry points it defines (per dtype suffix)
 SOURCES = {
-    "fwd": ("conv_fwd.cu", ("gpuconv_fwd_{t}_i32", "gpuconv_fwd_{t}_i64")),
+    "fwd": ("conv_fwd.cu", ("gpuconv_fwd_{t}_i32", "gpuconv_fwd_{t}_i64",
+                            "gpuconv_fwdtile_{t}_i32", "gpuconv_fwdtile_{t}_i64")),
     "dgrad": ("conv_dgrad.cu", ("gpuconv_dgrad_{t}_i32", "gpuconv_dgrad_{t}_i64")),
     "wgrad": ("conv_wgrad.cu", ("gpuconv_wgrad_{t}_i32", "gpuconv_wgrad_{t}_i64",
+                                "gpuconv_wgradtile_{t}_i32", "gpuconv_wgradtile_{t}_i64",
                                 "gpuconv_wgrad_reduce_{t}")),
 }
 COMMON = "common.cuh"

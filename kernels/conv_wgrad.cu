@@ -93,3 +93,134 @@ __device__ __forceinline__ void gc_wgrad_reduce(const typename gc_acc<T>::type* 
   }
 
 GC_FOR_EACH_DTYPE(GC_WGRAD_ENTRY)
+
+// ---------------------------------------------------------------------------------------
+// Tiled implicit GEMM form of pass 1 (per group): partial[s][k][n] =
+//   sum_{r in slice s} A[m, r] * B[r, n], m = output channel in the group,
+//   n = (c, kd, kh, kw) (Cg*taps), r = (image, od, oh, ow) (N*OD*OH*OW),
+//   A = grad_out, B = input gathered on the fly.  64x64 tile per block of 256
+//   threads, 4x4 per thread, r in steps of 16 through shared memory; the slice
+//   of r is blockIdx.z * chunk .. + chunk.  Same fixed order on every run.
+#define GC_WT_M 64
+#define GC_WT_N 64
+#define GC_WT_K 16
+
+template <typename T, typename I>
+__device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
+                                                    const T* __restrict__ gy,
+                                                    typename gc_acc<T>::type* __restrict__ partial,
+                                                    const gc_geo g, I chunk) {
+  typedef typename gc_acc<T>::type A;
+  extern __shared__ __align__(16) unsigned char gc_smem[];
+  A* As = reinterpret_cast<A*>(gc_smem);  // [GC_WT_K][GC_WT_M]
+  A* Bs = As + GC_WT_K * GC_WT_M;          // [GC_WT_K][GC_WT_N]
+  const int taps = g.KD * g.KH * g.KW;
+  const int Rn = g.Cg * taps;
+  const I osp = (I)g.OD * g.OH * g.OW;
+  const I red = (I)g.N * osp;
+  const I dhw = (I)g.D * g.H * g.W;
+  const int mtiles = (g.Kg + GC_WT_M - 1) / GC_WT_M;
+  const int grp = blockIdx.y / mtiles;
+  const int m0 = (blockIdx.y % mtiles) * GC_WT_M;
+  const int n0 = blockIdx.x * GC_WT_N;
+  const I r_begin = (I)blockIdx.z * chunk;
+  const I r_end = r_begin + chunk < red ? r_begin + chunk : red;
+  const int tid = threadIdx.x;
+  const int tm = tid >> 4, tn = tid & 15;
+
+  // B column of this thread: (c, kd, kh, kw), decoded once
+  const int nb = tid % GC_WT_N, kb0 = tid / GC_WT_N;
+  const int ncol = n0 + nb;
+  const bool nvalid = ncol < Rn;
+  int c = 0, kd = 0, kh = 0, kw = 0;
+  if (nvalid) {
+    c = ncol / taps;
+    int t = ncol - c * taps;
+    kw = t % g.KW; t /= g.KW;
+    kh = t % g.KH;
+    kd = t / g.KH;
+  }
+  const T* xc = x + ((I)grp * g.Cg + c) * dhw;
+  // A loads of this thread: r offset ar, rows am0 + 16*i
+  const int ar = tid & 15, am0 = tid >> 4;
+
+  A acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+
+  for (I rb = r_begin; rb < r_end; rb += GC_WT_K) {
+    {
+      const I r = rb + ar;
+      const bool rvalid = r < r_end;
+      I img = 0, o = 0;
+      if (rvalid) { img = r / osp; o = r - img * osp; }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int m = m0 + am0 + 16 * i;
+        A v = A(0);
+        if (rvalid && m < g.Kg) v = (A)gc_load(gy + (img * g.K + (I)grp * g.Kg + m) * osp + o);
+        As[ar * GC_WT_M + am0 + 16 * i] = v;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int kr = kb0 + 4 * i;
+      const I r = rb + kr;
+      A v = A(0);
+      if (nvalid && r < r_end) {
+        const I img = r / osp;
+        I o = r - img * osp;
+        const int ow = (int)(o % g.OW); o /= g.OW;
+        const int oh = (int)(o % g.OH);
+        const int od = (int)(o / g.OH);
+        const int id = od * g.sd - g.pd + kd * g.dd;
+        const int ih = oh * g.sh - g.ph + kh * g.dh;
+        const int iw = ow * g.sw - g.pw + kw * g.dw;
+        if (id >= 0 && id < g.D && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
+          v = (A)gc_load(xc + img * g.C * dhw + ((I)id * g.H + ih) * g.W + iw);
+      }
+      Bs[kr * GC_WT_N + nb] = v;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < GC_WT_K; ++kk) {
+      A a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = As[kk * GC_WT_M + tm + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = Bs[kk * GC_WT_N + tn + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+    }
+    __syncthreads();
+  }
+  A* out = partial + (I)blockIdx.z * g.K * Rn;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = m0 + tm + 16 * i;
+    if (m >= g.Kg) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int n = n0 + tn + 16 * j;
+      if (n < Rn) out[((I)grp * g.Kg + m) * Rn + n] = acc[i][j];
+    }
+  }
+}
+
+#define GC_WGRAD_TILED_ENTRY(SUF, T)                                                          \
+  extern "C" __global__ void gpuconv_wgradtile_##SUF##_i32(                                   \
+      const T* __restrict__ x, const T* __restrict__ gy,                                      \
+      gc_acc<T>::type* __restrict__ partial, GC_GEO_PARAMS, int chunk) {                      \
+    gc_conv_wgrad_tiled<T, int>(x, gy, partial, GC_GEO_MAKE, chunk);                          \
+  }                                                                                           \
+  extern "C" __global__ void gpuconv_wgradtile_##SUF##_i64(                                   \
+      const T* __restrict__ x, const T* __restrict__ gy,                                      \
+      gc_acc<T>::type* __restrict__ partial, GC_GEO_PARAMS, long long chunk) {                \
+    gc_conv_wgrad_tiled<T, long long>(x, gy, partial, GC_GEO_MAKE, chunk);                    \
+  }
+
+GC_FOR_EACH_DTYPE(GC_WGRAD_TILED_ENTRY)

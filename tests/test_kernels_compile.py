@@ -87,7 +87,7 @@ def test_entry_point_names_are_systematic():
     names = K.all_entry_names()
     assert len(names) == len(set(names))
     for n in names:
-        assert re.fullmatch(r"gpuconv_(fwd|dgrad|wgrad|wgrad_reduce)_(f16|bf16|f32|f64)(_i32|_i64)?", n), n
+        assert re.fullmatch(r"gpuconv_(fwd|fwdtile|dgrad|wgrad|wgradtile|wgrad_reduce)_(f16|bf16|f32|f64)(_i32|_i64)?", n), n
     assert "gpuconv_fwd_bf16_i64" in names and "gpuconv_wgrad_reduce_f64" in names
 
 
@@ -201,3 +201,12 @@ def test_dgrad_phase_parameters_enumerate_exactly_the_contributing_taps(s, d):
             r0 = ((res // gcd) * inv) % step
             got = list(range(r0, 30, step))
         assert got == want, (s, d, q)
+
+
+@pytest.mark.parametrize("blocks,red,align", [(1, 1, 16), (4, 10**6, 16), (2**20, 5, 16),
+                                              (3, 2**40, 16), (1, 17, 16)])
+def test_split_reduction_slices_are_aligned_and_cover_everything(blocks, red, align):
+    from gpuconv._cuda_backend import split_reduction
+    splits, chunk = split_reduction(blocks, red, 1024, 256, align)
+    assert chunk % align == 0 and 1 <= splits <= 65535
+    assert splits * chunk >= red and (splits - 1) * chunk < red
