@@ -290,3 +290,9 @@ def test_to_cupy_round_trip_and_gpu_gradients():
     assert isinstance(layer.weight, np.ndarray) and isinstance(layer.weight_grad, np.ndarray)
     np.testing.assert_array_equal(layer.weight, w0)
     assert _rel(layer.weight_grad, ref.conv_weight_grad(x, gy, w0.shape, padding=1)) < 1e-12
+
+
+def test_docstring_examples():
+    import doctest
+    res = doctest.testmod(nn, optionflags=doctest.ELLIPSIS)
+    assert res.attempted > 0 and res.failed == 0

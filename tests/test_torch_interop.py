@@ -155,3 +155,9 @@ def test_errors():
         gt.conv2d(x, torch.ones(3, 1, 3, 3), groups=3)
     with pytest.raises(TypeError, match="dtype"):
         gt.conv2d(x, torch.ones(3, 2, 3, 3, dtype=torch.float64))
+
+
+def test_docstring_examples():
+    import doctest
+    res = doctest.testmod(gt, optionflags=doctest.ELLIPSIS)
+    assert res.attempted > 0 and res.failed == 0
