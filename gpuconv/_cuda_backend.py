@@ -139,7 +139,9 @@ class CudaBackend:
         return K.DTYPES[np.dtype(g.dtype).name][0]
 
     def _fn(self, pass_name, g, *sizes, kind=None):
-        isuf = "i64" if K.needs_int64(*sizes) else "i32"
+        # GPUCONV_CUDA_INDEX=64 forces the 64-bit variants (tests run them on small data)
+        force64 = os.environ.get("GPUCONV_CUDA_INDEX", "") == "64"
+        isuf = "i64" if force64 or K.needs_int64(*sizes) else "i32"
         name = f"gpuconv_{kind or pass_name}_{self._suffix(g)}_{isuf}"
         return self.modules.function(pass_name, name), isuf
 
