@@ -7,8 +7,10 @@
 * ``to_backend`` / ``to_host`` -- move numpy test data to the backend's array type
   and back (``cupy.asarray`` / ``cupy.asnumpy`` for cupy, identity otherwise).
 * While a numpy-backend test runs, every ``np.empty``/``np.empty_like`` made by
-  the library is poisoned with NaN, so an output element a backend forgets to
-  write shows up (fresh memory from the OS is zero and would hide it).
+  the library is poisoned with NaN (raw uint8 workspaces with 0xFF bytes, NaN in
+  every float type), so an element a backend forgets to write shows up (fresh
+  memory from the OS is zero and would hide it).  The emulator poisons its own
+  allocations.
 * Any test marked ``gpu`` is skipped when no CUDA device works.
 """
 from __future__ import annotations
@@ -60,6 +62,8 @@ class _PoisonedNumpy:
         try:
             if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
                 a.fill(np.nan)
+            elif a.dtype == np.uint8:  # raw workspace: all-ones bytes read as NaN in any float type
+                a.fill(0xFF)
         except (TypeError, ValueError):
             pass
         return a

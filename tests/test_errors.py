@@ -394,6 +394,7 @@ def test_generic_conv_rejects_seed_forms():
 
 
 # ----------------------------------------------------------------------------- NaN / Inf, N = 0
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16, ml_dtypes.bfloat16])
 def test_nan_and_inf_propagate(backend, to_backend, dtype):
     x = RNG.standard_normal((1, 2, 6, 6)).astype(dtype)
@@ -407,11 +408,18 @@ def test_nan_and_inf_propagate(backend, to_backend, dtype):
     assert (np.isnan(expected[0]) == nan).all()          # the reference itself masks padding
     assert np.isinf(expected[0, :, 3:6, 3:6]).all()
     gt.assert_close(y, expected, dtype, "conv with NaN/Inf")  # same NaN/Inf pattern, rest close
+    # The NaN in grad_out sits at an interior output position: every tap of its
+    # window reads real input.  (At a border position some weight-gradient terms
+    # would be NaN * padding; whether those are NaN (im2col multiplies the zero)
+    # or absent (kernels skip the padding) is implementation-defined, so it is
+    # not pinned here.)
     gy = RNG.standard_normal(expected.shape).astype(dtype)
-    gy[0, 1, 5, 5] = np.nan
+    gy[0, 1, 2, 2] = np.nan
     gx = gpuconv.conv_input_grad(to_backend(gy), to_backend(w), x.shape, padding=1)
     gx_ref = ref.conv_input_grad(gy.astype(np.float64), w.astype(np.float64), x.shape, padding=1)
-    assert np.isnan(gx_ref[0, :, 4:, 4:]).all() and np.isfinite(gx_ref[0, :, :4]).all()
+    nan = np.zeros((6, 6), bool)
+    nan[1:4, 1:4] = True
+    assert (np.isnan(gx_ref[0]) == nan).all()
     gt.assert_close(gx, gx_ref, dtype, "input grad with NaN")
     gw = gpuconv.conv_weight_grad(to_backend(x), to_backend(gy), w.shape, padding=1)
     gw_ref = ref.conv_weight_grad(x.astype(np.float64), gy.astype(np.float64), w.shape, padding=1)

@@ -102,12 +102,12 @@ def as_backend_array(a, backend: str):
 
 
 # ----------------------------------------------------------------------------- comparisons
-def rel_error(actual, expected) -> float:
-    """``max|actual - expected| / max|expected|`` in float64 over the finite entries.
+def rel_error(actual, expected, scale=None) -> float:
+    """``max|actual - expected| / max(max|expected|, scale)`` in float64 over the finite entries.
 
-    When ``expected`` is all zeros (or empty) the denominator is 1, i.e. the
-    error is absolute.  ``actual`` may be any dtype (bfloat16 included) and a
-    numpy or cupy array.
+    When the denominator is 0 (all-zero or empty reference, no ``scale``) it is
+    replaced by 1, i.e. the error is absolute.  ``actual`` may be any dtype
+    (bfloat16 included) and a numpy or cupy array.
 
     >>> rel_error(np.array([1.0, 2.0]), np.array([1.0, 4.0]))
     0.5
@@ -117,25 +117,30 @@ def rel_error(actual, expected) -> float:
     if e.size == 0:
         return 0.0
     fin = np.isfinite(e)
-    scale = float(np.max(np.abs(e[fin]), initial=0.0))
+    denom = max(float(np.max(np.abs(e[fin]), initial=0.0)), float(scale or 0.0))
     diff = np.abs(a[fin] - e[fin])
     if diff.size and not np.all(np.isfinite(diff)):
         return float("inf")
     err = float(np.max(diff, initial=0.0))
-    return err / scale if scale > 0 else err
+    return err / denom if denom > 0 else err
 
 
-def assert_close(actual, expected_f64, dtype, what: str = "result") -> float:
+def assert_close(actual, expected_f64, dtype, what: str = "result", *, scale=None) -> float:
     """Assert ``actual`` (of ``dtype``) matches the float64 ``expected_f64``.
 
     Checks, in order: the shapes are equal; non-finite reference entries (NaN,
     +-inf) are matched exactly by ``actual``; and over the finite entries
 
-        ``max|actual - expected| / max|expected|  <=  tolerance(dtype)``
+        ``max|actual - expected| / max(max|expected|, scale)  <=  tolerance(dtype)``
 
-    (denominator 1 when the reference is all zeros).  Any NaN or inf in
-    ``actual`` where the reference is finite fails.  Returns the relative error.
-    ``what`` names the result in the failure message.
+    (denominator 1 when it would be 0).  Any NaN or inf in ``actual`` where the
+    reference is finite fails.  Returns the relative error.  ``what`` names the
+    result in the failure message.
+
+    ``scale`` (optional) floors the denominator with the magnitude of the terms
+    that were summed -- e.g. ``max|reference(|x|, |w|)|`` -- so that a result
+    which cancels to nearly zero (a bias gradient of a few values, a 1x1
+    output) is judged by the rounding its summation can really incur.
 
     >>> assert_close(np.float32([1, 2]), np.array([1.0, 2.0 + 1e-7]), np.float32, "y") < 1e-5
     True
@@ -152,7 +157,7 @@ def assert_close(actual, expected_f64, dtype, what: str = "result") -> float:
             i = tuple(int(v) for v in np.argwhere(bad)[0])
             raise AssertionError(f"{what}: at {i} the reference is {e[i]} but got {a64[i]}")
     tol = tolerance(dtype)
-    err = rel_error(a64, e)
+    err = rel_error(a64, e, scale)
     if not err <= tol:
         fin = np.isfinite(e)
         diff = np.where(fin, np.abs(a64 - np.where(fin, e, 0)), 0)
@@ -161,7 +166,8 @@ def assert_close(actual, expected_f64, dtype, what: str = "result") -> float:
         i = tuple(int(v) for v in i)
         raise AssertionError(
             f"{what} ({_dtype_name(dtype)}): relative error {err:.3e} > tolerance {tol:.1e} "
-            f"(max|actual - ref| / max|ref|, max|ref| = {np.max(np.abs(e[fin]), initial=0):.6g}); "
+            f"(max|actual - ref| / max(max|ref|, scale), max|ref| = "
+            f"{np.max(np.abs(e[fin]), initial=0):.6g}, scale = {scale}); "
             f"worst at index {i}: got {a64[i] if i or a64.ndim == 0 else None}, "
             f"reference {e[i] if i or e.ndim == 0 else None}")
     return err
