@@ -30,7 +30,8 @@ import tracemalloc
 import numpy as np
 
 __all__ = ["LAYERS", "QUICK_LAYERS", "PASSES", "run", "bench_layer", "summarize",
-           "format_table", "format_summary", "environment_info", "layer_geometry"]
+           "format_table", "format_summary", "environment_info", "layer_geometry", "cpu_busy",
+           "wait_for_idle"]
 
 PASSES = ("forward", "input_grad", "weight_grad")
 
@@ -257,6 +258,36 @@ def run(layers=None, *, quick=False, backend="numpy", dtype="float32", batch=8, 
     if progress is not None:
         progress(len(todo), len(todo), None)
     return rows
+
+
+# ----------------------------------------------------------------------------- machine load
+def _cpu_times():
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    idle = vals[3] + (vals[4] if len(vals) > 4 else 0)
+    return sum(vals), idle
+
+
+def cpu_busy(interval=0.5):
+    """Fraction of all CPU time that was busy during `interval` seconds (Linux; None
+    elsewhere).  Call it while this process is idle to see what others are using."""
+    try:
+        t0, i0 = _cpu_times()
+        time.sleep(interval)
+        t1, i1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_for_idle(max_wait=60.0, threshold=0.1, interval=0.5):
+    """Sleep until other processes use less than `threshold` of the CPUs (or
+    `max_wait` seconds pass).  Returns the last busy fraction measured."""
+    t_end = time.monotonic() + max_wait
+    busy = cpu_busy(interval)
+    while busy is not None and busy > threshold and time.monotonic() < t_end:
+        busy = cpu_busy(interval)
+    return busy
 
 
 # ----------------------------------------------------------------------------- reports

@@ -233,6 +233,18 @@ class _SingleThreadedBlas:
                 _blas_state["saved"] = None
 
 
+def _after_fork_in_child():
+    # worker threads do not survive fork(); a child builds its own pool
+    global _executor, _exec_lock, _blas_lock, _pool_lock
+    _executor = None
+    _exec_lock, _blas_lock, _pool_lock = threading.Lock(), threading.Lock(), threading.Lock()
+    _blas_state.update(depth=0, saved=None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _get_executor(n):
     global _executor
     with _exec_lock:
@@ -645,7 +657,8 @@ class NumpyBackend:
         Lr = math.prod(g.in_spatial[1:])
         s0 = g.stride[0]
         eff0 = g.dilation[0] * (g.kernel[0] - 1) + 1
-        wmT = np.ascontiguousarray(w.reshape(G, Kg, Cg * T).transpose(0, 2, 1), dtype=cdt)
+        # a transposed view: BLAS reads it as op(A) = A^T (no slow transposing copy)
+        wmT = np.ascontiguousarray(w.reshape(G, Kg, Cg * T), dtype=cdt).swapaxes(1, 2)
         cast = gx.dtype != cdt
         gy_direct = gy.dtype == cdt  # else always staged (cast) through a buffer
         direct = (T == 1 and all(s == 1 for s in g.stride) and not any(g.pad_lo)
@@ -765,9 +778,9 @@ class NumpyBackend:
             gy_ok = test is not None and _blasable(test)
         wbytes = G * Kg * Cg * T * it
 
-        def sizes(nb, r):
+        def sizes(nb, r, tmp=True):
             a, bb = _in_rows_for(0, r, g)
-            s = [wbytes, wbytes]  # this worker's partial sum and one GEMM result
+            s = [wbytes, wbytes if tmp else 0]  # this worker's partial sum, one GEMM result
             if slab:
                 s.append(nb * C * (bb - a) * rest_p * it)
             if not (direct and nb == 1):
@@ -780,10 +793,17 @@ class NumpyBackend:
         nb, r = _plan(N, P0, W, budget, lambda nb, r: _arena_bytes(sizes(nb, r)), Qr,
                       min_cols=2 * _MIN_GEMM_COLS)
         chunks = _chunks(N, P0, nb, r)
-        arena_bytes = _arena_bytes(sizes(nb, r))
+        need_tmp = len(chunks) > W  # some worker sums more than one GEMM result
+        arena_bytes = _arena_bytes(sizes(nb, r, need_tmp))
+
+        # OpenBLAS is faster with the larger of the two output dims as M: accumulate
+        # the transposed gradient (G, Cg*T, Kg) when Cg*T > Kg
+        trans = Cg * T > Kg
+        pshape = (G, Cg * T, Kg) if trans else (G, Kg, Cg * T)
 
         def init(arena):
-            return {"acc": arena.take((G, Kg, Cg * T), cdt), "tmp": arena.take((G, Kg, Cg * T), cdt),
+            return {"acc": arena.take(pshape, cdt),
+                    "tmp": arena.take(pshape, cdt) if need_tmp else None,
                     "n": 0, "off": arena.off}
 
         def work(arena, st, c):
@@ -811,10 +831,11 @@ class NumpyBackend:
                 buf = arena.take((K, nbc, rows) + g.out_spatial[1:], cdt)
                 np.copyto(buf, gy[n0:n1, :, p0:p1].swapaxes(0, 1), casting="unsafe")
                 gym = buf.reshape(G, Kg, nbc * L)
+            a, b = (colsm, gym.swapaxes(1, 2)) if trans else (gym, colsm.swapaxes(1, 2))
             if st["n"] == 0:
-                np.matmul(gym, colsm.swapaxes(1, 2), out=st["acc"])
+                np.matmul(a, b, out=st["acc"])
             else:
-                np.matmul(gym, colsm.swapaxes(1, 2), out=st["tmp"])
+                np.matmul(a, b, out=st["tmp"])
                 np.add(st["acc"], st["tmp"], out=st["acc"])
             st["n"] += 1
 
@@ -823,12 +844,11 @@ class NumpyBackend:
         try:
             gw = np.array(states[0][0]["acc"], copy=True)
             for st, _ in states[1:]:
-                if st["n"]:
-                    gw += st["acc"]
+                gw += st["acc"]
         finally:
             for _, arena in states:
                 _release(arena)
-        return gw
+        return np.ascontiguousarray(gw.swapaxes(1, 2)) if trans else gw
 
     # ------------------------------------------------------------------ depthwise
     @staticmethod

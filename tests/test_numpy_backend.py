@@ -296,3 +296,21 @@ def test_error_in_worker_propagates(monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         nb._run_parallel([1, 2, 3], 2, 1024, boom)
     assert [lc.num_threads for lc in libs] == before
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_works_in_forked_child(monkeypatch):
+    """The thread pool is rebuilt in a child process (threads do not survive fork)."""
+    import multiprocessing as mp
+    monkeypatch.setenv("GPUCONV_NUM_THREADS", "2")
+    rng = np.random.default_rng(11)
+    x, w = _rand(rng, (4, 4, 12, 12)), _rand(rng, (4, 4, 3, 3))
+    want = gpuconv.conv(x, w, padding=1, backend="numpy")  # pool exists in the parent
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_child_conv, (x, w)).get(timeout=60)
+    np.testing.assert_array_equal(got, want)
+
+
+def _child_conv(x, w):
+    return gpuconv.conv(x, w, padding=1, backend="numpy")
