@@ -1,0 +1,38 @@
+"""Half types accumulate in float32 on every backend.
+
+A long reduction of positive float16/bfloat16 terms: accumulating in the half
+type itself would stall once the running sum's spacing exceeds the terms
+(errors of several percent); float32 accumulation leaves only the final
+rounding (<= eps/2 of the result).
+"""
+import numpy as np
+import pytest
+
+import gpuconv
+from gpuconv import reference as ref
+
+
+def _half(name):
+    if name == "bfloat16":
+        return np.dtype(pytest.importorskip("ml_dtypes").bfloat16)
+    return np.dtype(name)
+
+
+@pytest.mark.parametrize("dtype,eps", [("float16", 2.0**-10), ("bfloat16", 2.0**-7)])
+def test_long_reductions_accumulate_in_float32(backend, to_backend, to_host, dtype, eps):
+    dt = _half(dtype)
+    rng = np.random.default_rng(0)
+    C, L = 512, 40          # forward / input grad reduce over C*3 = 1536 terms, weight grad over 2*L
+    x = rng.uniform(0.5, 1.0, (2, C, L)).astype(dt)
+    w = rng.uniform(0.5, 1.0, (4, C, 3)).astype(dt)
+    gy = rng.uniform(0.5, 1.0, (2, 4, L - 2)).astype(dt)
+    y = to_host(gpuconv.conv(to_backend(x), to_backend(w)))
+    gx = to_host(gpuconv.conv_input_grad(to_backend(gy), to_backend(w), x.shape))
+    big = rng.uniform(0.5, 1.0, (64, 2, 300)).astype(dt)            # weight grad: 64*298 terms
+    gbig = rng.uniform(0.5, 1.0, (64, 3, 298)).astype(dt)
+    gw = to_host(gpuconv.conv_weight_grad(to_backend(big), to_backend(gbig), (3, 2, 3)))
+    for got, want in ((y, ref.conv(x, w)), (gx, ref.conv_input_grad(gy, w, x.shape)),
+                      (gw, ref.conv_weight_grad(big, gbig, (3, 2, 3)))):
+        rel = np.max(np.abs(got.astype(np.float64) - want) / np.abs(want))
+        # the final rounding (eps/2) plus float32 summation error (~n * 2^-24, far below 1e-5)
+        assert rel <= eps / 2 + 1e-5, (dtype, rel)
