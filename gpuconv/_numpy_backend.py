@@ -57,7 +57,10 @@ _workspace = None
 
 # Tuning constants (measured on a 2-core AVX-512 machine; see benchmarks/RESULTS.md).
 _MIN_GEMM_COLS = 1024        # batch small images until a GEMM has at least this many columns
-_DW_BLOCK_ELEMS = 48 * 1024  # depthwise: elements of one output block (kept in L2)
+# depthwise: elements of one output block.  Blocks that fit L2 (~48 K) are fastest on one
+# thread, but every ufunc call then lasts only microseconds and two threads spend more
+# time handing the GIL over than computing; 512 K-element blocks scale to 2 threads.
+_DW_BLOCK_ELEMS = 512 * 1024
 _ALIGN = 64
 # NumPy's ufunc/copy machinery buffers strided, broadcast or casting operands in
 # blocks of 8192 elements (up to ~64 KiB per call); reserve that per thread.
@@ -489,7 +492,10 @@ class _Flat:
         """box (..., n_ph, *ext) <- phase planes of the zero-padded src, where box
         coordinate b (per dim, before phase splitting) reads src[b + origin]."""
         s, nd = self.s, self.nd
+        used = {ph for ph, _ in self.taps}
         for ph, rhos in enumerate(itertools.product(range(s), repeat=nd)):
+            if ph not in used:  # e.g. a kernel smaller than the stride: never read
+                continue
             view, org = src, []
             for d, rho in enumerate(rhos):
                 m = rho + origin[d]  # plane index i reads src[s*i + m]

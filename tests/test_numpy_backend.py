@@ -103,6 +103,8 @@ CASES = {
                                                                  stride=(1, 2))),
     "depthwise_s3_dil2": ((2, 3, 13, 12), (3, 1, 3, 3), dict(groups=3, padding=2, stride=3,
                                                              dilation=2)),
+    "depthwise_kernel_lt_stride": ((2, 3, 10, 9), (6, 1, 2, 2), dict(groups=3, stride=3,
+                                                                      padding=1)),
     "depthwise_big_pad": ((2, 2, 5, 4), (2, 1, 3, 3), dict(groups=2, padding=4)),
     "tiny_image_batched": ((6, 8, 3, 3), (5, 8, 3, 3), dict(padding=1)),
     "conv1d": ((3, 4, 20), (5, 4, 5), dict(padding=2, stride=2)),
