@@ -62,6 +62,8 @@ _MIN_GEMM_COLS = 1024        # batch small images until a GEMM has at least this
 # time handing the GIL over than computing; 512 K-element blocks scale to 2 threads.
 _DW_BLOCK_ELEMS = 512 * 1024
 _ALIGN = 64
+_WGRAD_ONE_GEMM_COLS = 4096   # weight grad: up to this many N*P*Q columns, one batched GEMM
+_WGRAD_TRANS_MIN_COLS = 4096  # weight grad: compute the transposed gradient from here up
 # NumPy's ufunc/copy machinery buffers strided, broadcast or casting operands in
 # blocks of 8192 elements (up to ~64 KiB per call); reserve that per thread.
 _UFUNC_RESERVE = 96 * 1024
@@ -795,16 +797,25 @@ class NumpyBackend:
                 s.append(K * nb * r * Qr * it)
             return s
 
-        budget = _budget(W)
-        nb, r = _plan(N, P0, W, budget, lambda nb, r: _arena_bytes(sizes(nb, r)), Qr,
-                      min_cols=2 * _MIN_GEMM_COLS)
+        total_cols = N * P0 * Qr
+        if total_cols <= _WGRAD_ONE_GEMM_COLS and (
+                _arena_bytes(sizes(N, P0, False)) <= _budget(1)):
+            # short reduction (small images): one GEMM over the whole batch with
+            # multi-threaded BLAS beats per-thread partial sums of a large gradient
+            W = 1
+            nb, r = N, P0
+        else:
+            nb, r = _plan(N, P0, W, _budget(W), lambda nb, r: _arena_bytes(sizes(nb, r)), Qr,
+                          min_cols=2 * _MIN_GEMM_COLS)
         chunks = _chunks(N, P0, nb, r)
         need_tmp = len(chunks) > W  # some worker sums more than one GEMM result
         arena_bytes = _arena_bytes(sizes(nb, r, need_tmp))
 
         # OpenBLAS is faster with the larger of the two output dims as M: accumulate
         # the transposed gradient (G, Cg*T, Kg) when Cg*T > Kg
-        trans = Cg * T > Kg
+        # (the final transposing copy is slow, ~1 ns/element: only worth it for a
+        # long reduction)
+        trans = Cg * T > Kg and total_cols >= _WGRAD_TRANS_MIN_COLS
         pshape = (G, Cg * T, Kg) if trans else (G, Kg, Cg * T)
 
         def init(arena):

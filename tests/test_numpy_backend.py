@@ -316,3 +316,22 @@ def test_works_in_forked_child(monkeypatch):
 
 def _child_conv(x, w):
     return gpuconv.conv(x, w, padding=1, backend="numpy")
+
+
+@pytest.mark.parametrize("one_gemm,trans_min", [(0, 0), (0, 10 ** 9), (10 ** 9, 0)],
+                         ids=["partials-transposed", "partials-direct", "one-gemm-transposed"])
+@pytest.mark.parametrize("name", ["dense3x3", "1x1_direct", "grouped", "stem_like", "conv3d",
+                                  "tiny_image_batched"])
+def test_weight_grad_strategies(name, one_gemm, trans_min, monkeypatch, threads):
+    """Every weight-gradient strategy (per-thread partial sums or one batched GEMM;
+    gradient computed directly or transposed) on the small shapes."""
+    monkeypatch.setattr(nb, "_WGRAD_ONE_GEMM_COLS", one_gemm)
+    monkeypatch.setattr(nb, "_WGRAD_TRANS_MIN_COLS", trans_min)
+    xs, ws, kw = CASES[name]
+    rng = np.random.default_rng(12)
+    x = _rand(rng, xs)
+    g = conv_geometry("t", xs, ws, **kw)
+    gy = _rand(rng, g.y_shape)
+    gw = gpuconv.conv_weight_grad(x, gy, ws, backend="numpy", **kw)
+    gw_ref = ref.conv_weight_grad(x, gy, ws, **kw)
+    assert _rel_err(gw, gw_ref) <= 1e-5
