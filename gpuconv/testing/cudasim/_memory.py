@@ -23,7 +23,9 @@ import numpy as np
 
 PAGE = mmap.PAGESIZE
 POISON = 0xFF
-CANARY = 0xFA
+# canary bytes alternate 0xFE (even address) / 0xFF (odd): NaN in float16, bfloat16, float32 and
+# float64 alike, so a small read before the start also yields NaN, yet distinct from the 0xFF poison
+CANARY_PAIR = np.array([0xFE, 0xFF], np.uint8)
 PROT_READ, PROT_WRITE = 1, 2
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -65,13 +67,19 @@ class DeviceAllocation(mmap.mmap):
 
 _registry: dict = {}  # base address -> weakref to DeviceAllocation
 _lock = threading.Lock()
+_dead: list = []  # bases of freed allocations; weakref callbacks (which may run inside
+                  # any allocation, even under _lock) only append here, never lock
 
 
 def _forget(base):
     def cb(_ref):
-        with _lock:
-            _registry.pop(base, None)
+        _dead.append(base)
     return cb
+
+
+def _purge():  # with _lock held
+    while _dead:
+        _registry.pop(_dead.pop(), None)
 
 
 def allocate(shape, dtype, label: str | None = None) -> np.ndarray:
@@ -90,7 +98,7 @@ def allocate(shape, dtype, label: str | None = None) -> np.ndarray:
     raw = np.frombuffer(mm, dtype=np.uint8)
     base = raw.ctypes.data
     data_off = PAGE + data_pages * PAGE - nbytes
-    raw[PAGE:data_off] = CANARY
+    raw[PAGE:data_off] = np.resize(CANARY_PAIR, data_off - PAGE)
     raw[data_off:data_off + nbytes] = POISON
     mm.base_addr = base
     mm.data_addr = base + data_off
@@ -100,8 +108,10 @@ def allocate(shape, dtype, label: str | None = None) -> np.ndarray:
     mprotect(base + (data_pages + 1) * PAGE, PAGE, 0)
     arr = raw[data_off:data_off + nbytes].view(dtype).reshape(shape)
     del raw
+    ref = weakref.ref(mm, _forget(base))
     with _lock:
-        _registry[base] = weakref.ref(mm, _forget(base))
+        _purge()
+        _registry[base] = ref
     return arr
 
 
@@ -123,6 +133,7 @@ def allocation_of(a: np.ndarray):
 def find(addr: int):
     """The live allocation whose mapping (guards included) holds addr, or None."""
     with _lock:
+        _purge()
         refs = list(_registry.items())
     for base, ref in refs:
         mm = ref()
@@ -138,9 +149,10 @@ def canary_damage(mm: DeviceAllocation):
         return []
     buf = (ctypes.c_ubyte * n).from_address(start)
     view = np.frombuffer(buf, dtype=np.uint8)
-    bad = np.flatnonzero(view != CANARY)
+    want = np.resize(CANARY_PAIR, n)  # slack starts page aligned (even)
+    bad = np.flatnonzero(view != want)
     if bad.size:
-        view[bad] = CANARY  # repair so later launches report only their own damage
+        view[bad] = want[bad]  # repair so later launches report only their own damage
     return [int(i) - n for i in bad]
 
 

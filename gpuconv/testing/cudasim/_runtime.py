@@ -238,7 +238,7 @@ class SimRuntime:
 
     schedule: 'forward' | 'reverse' | 'random' | 'warp' | 'cycle' (each launch uses the
     next of the four); default from $GPUCONV_CUDASIM_SCHEDULE, else 'forward'.
-    seed: for 'random' (launch k uses seed + k).  time_limit: seconds per launch
+    seed: for 'random' (launch k uses seed + k; ``launch(..., seed=s)`` uses s exactly).  time_limit: seconds per launch
     ($GPUCONV_CUDASIM_TIME_LIMIT, default 120).  stack_kib: stack of each CUDA thread.
     """
 
@@ -322,7 +322,8 @@ class SimRuntime:
         _check_schedule(sched)
         if sched == "cycle":
             sched = SCHEDULES[k % len(SCHEDULES)]
-        eff_seed = (self.seed if seed is None else int(seed)) + k
+        # the seed in an error message reproduces the launch: launch(..., seed=that)
+        eff_seed = self.seed + k if seed is None else int(seed)
         self.last_schedule = (sched, eff_seed)
         argv_holder, buffers = _pack_args(fn, args)
         _launch(fn, grid, block, shared_mem, argv_holder, buffers, sched, eff_seed,
@@ -505,7 +506,7 @@ class _Context:
 def _make_error(code, err, ctx, buffers, readonly):
     msg = err.msg.decode(errors="replace")
     mod = ctx.fn.module
-    msg = re.sub(r"\{L(\d+)\}", lambda m: f"at {mod.where(int(m.group(1)))}", msg)
+    msg = re.sub(r"(?:at )?\{L(\d+)\}", lambda m: f"at {mod.where(int(m.group(1)))}", msg)
     where = f"block ({err.block[0]},{err.block[1]},{err.block[2]})"
     if err.has_thread:
         where += f" thread ({err.thread[0]},{err.thread[1]},{err.thread[2]})"

@@ -102,7 +102,6 @@ struct cudasim_error {
 namespace {
 
 const unsigned char POISON = 0xFF;
-const unsigned char CANARY = 0xFA;
 const size_t PAGE = 4096;
 
 // launch state (one launch at a time: Python holds a lock)
@@ -739,9 +738,14 @@ bool ensure_fibers(int n, size_t stack_size) {
   return true;
 }
 
+// canary bytes alternate 0xFE / 0xFF by address parity: NaN in every float format
+inline unsigned char canary_at(const char* p) { return ((uintptr_t)p & 1) ? 0xFF : 0xFE; }
+void fill_canary(char* p, size_t n) {
+  for (size_t i = 0; i < n; ++i) p[i] = (char)canary_at(p + i);
+}
 bool check_canary(const char* p, size_t n, size_t* bad) {
   for (size_t i = 0; i < n; ++i)
-    if ((unsigned char)p[i] != CANARY) { *bad = i; return false; }
+    if ((unsigned char)p[i] != canary_at(p + i)) { *bad = i; return false; }
   return true;
 }
 
@@ -759,7 +763,7 @@ void setup_dyn() {
   mprotect(d->dyn_array, PAGE, PROT_NONE);
   if (end < usable + PAGE) mprotect(g_dyn_base + end, usable + PAGE - end, PROT_NONE);
   g_dyn_prot_hi = usable + PAGE;
-  memset(g_dyn_base + d->dyn_bytes, CANARY, end - d->dyn_bytes);
+  fill_canary(g_dyn_base + d->dyn_bytes, end - d->dyn_bytes);
 }
 void teardown_dyn() {
   if (!g_dyn_base) return;

@@ -1,0 +1,182 @@
+"""The emulator catches real kernel bugs.
+
+Each test injects one classic bug into a COPY of a real kernel source
+(kernels/*.cu, string replacement at build time -- the files are never edited),
+runs the pass through the unchanged CUDA backend on ``SimRuntime`` under every
+thread schedule, and asserts the bug is reported: by an emulator error, or by a
+mismatch against ``gpuconv.reference`` (float64).  The unmodified kernels pass
+the same checks (no false alarms).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+cudasim = pytest.importorskip("gpuconv.testing.cudasim")
+from gpuconv import reference  # noqa: E402
+from gpuconv import _kernels as K  # noqa: E402
+from gpuconv._cuda_backend import CudaBackend  # noqa: E402
+from gpuconv._geometry import conv_geometry  # noqa: E402
+from gpuconv.testing.cudasim import (SCHEDULES, CudaSimError, MemoryAccessError,  # noqa: E402
+                                     SimRuntime, SyncError)
+
+if not cudasim.probe()[0]:
+    pytest.skip(f"cudasim unusable: {cudasim.probe()[1]}", allow_module_level=True)
+
+# H != W (so swapped indices matter), N*OH*OW = 70 (not a multiple of the 64-wide tiles)
+X_SHAPE, W_SHAPE = (2, 8, 7, 5), (16, 8, 3, 3)
+KW = dict(stride=1, padding=1, dilation=1, groups=1)
+TOL = 1e-4  # float32, relative to the reference's norm
+
+
+class MutatedRuntime(SimRuntime):
+    """SimRuntime that compiles a mutated copy of one kernel file."""
+
+    def __init__(self, filename, mutate, **kw):
+        super().__init__(**kw)
+        self.filename, self.mutate = filename, mutate
+
+    def build(self, source, entry_names=None, options=()):
+        if f"// ---- {self.filename}\n" in source:
+            source = self.mutate(source)
+        return super().build(source, entry_names, options)
+
+
+def inject(filename, anchor, old, new):
+    """A mutation: replace the first `old` after `anchor` in `filename`'s text."""
+    def mutate(source):
+        start = source.index(f"// ---- {filename}\n")
+        a = source.find(anchor, start)
+        i = source.find(old, a) if a >= 0 else -1
+        if i < 0:
+            pytest.fail(f"injection site {old!r} after {anchor!r} not found in kernels/{filename}: "
+                        f"the kernel changed, update tests/test_cudasim_bugs.py")
+        return source[:i] + new + source[i + len(old):]
+    return mutate
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(X_SHAPE).astype(np.float32)
+    w = rng.standard_normal(W_SHAPE).astype(np.float32)
+    b = rng.standard_normal(W_SHAPE[0]).astype(np.float32)
+    g = conv_geometry("conv2d", X_SHAPE, W_SHAPE, dtype=np.float32, **KW)
+    gy = rng.standard_normal(g.y_shape).astype(np.float32)
+    ref = {"fwd": reference.conv(x, w, b, **KW),
+           "dgrad": reference.conv_input_grad(gy, w, X_SHAPE, **KW),
+           "wgrad": reference.conv_weight_grad(x, gy, W_SHAPE, **KW)}
+    return x, w, b, gy, g, ref
+
+
+def run_pass(rt, pass_name, data):
+    x, w, b, gy, g, _ = data
+    be = CudaBackend(rt)
+    if pass_name == "fwd":
+        return be.forward(x, w, b, g)
+    if pass_name == "dgrad":
+        return be.input_grad(gy, w, g)
+    return be.weight_grad(x, gy, g)
+
+
+def rel_err(got, want):
+    got = np.asarray(got, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def outcome(rt, pass_name, data):
+    """'ok', 'mismatch (rel err ...)' or the emulator error."""
+    try:
+        out = run_pass(rt, pass_name, data)
+    except CudaSimError as e:
+        return e
+    err = rel_err(out, data[5][pass_name])
+    return "ok" if err <= TOL else f"mismatch (rel err {err:.3g})"
+
+
+# ---------------------------------------------------------------------------- control
+@pytest.mark.parametrize("algo", ["direct", "tiled"])
+@pytest.mark.parametrize("pass_name", ["fwd", "dgrad", "wgrad"])
+def test_unmodified_kernels_pass_every_schedule(monkeypatch, data, algo, pass_name):
+    monkeypatch.setenv("GPUCONV_CUDA_ALGO", algo)
+    rt = SimRuntime()
+    for s in SCHEDULES:
+        with rt.schedule(s):
+            assert outcome(rt, pass_name, data) == "ok", (s, algo, pass_name)
+
+
+# ---------------------------------------------------------------------------- injected bugs
+BUGS = {
+    # (a) the barrier between filling the shared tiles and reading them is gone
+    "removed __syncthreads": dict(
+        file="conv_fwd.cu", algo="tiled", pass_name="fwd",
+        mutate=inject("conv_fwd.cu", "gc_conv_fwd_tiled(", "__syncthreads();", ";"),
+        expect=(CudaSimError, "mismatch")),
+    # (b) off-by-one loop bound: one element past the end
+    "off-by-one bound": dict(
+        file="conv_dgrad.cu", algo="direct", pass_name="dgrad",
+        mutate=inject("conv_dgrad.cu", "gc_conv_dgrad(", "idx < total", "idx <= total"),
+        expect=(MemoryAccessError,)),
+    # (c) H and W swapped in the input index
+    "swapped H/W": dict(
+        file="conv_fwd.cu", algo="direct", pass_name="fwd",
+        mutate=inject("conv_fwd.cu", "gc_conv_fwd(", "g.H + ih) * g.W", "g.W + ih) * g.H"),
+        expect=(MemoryAccessError, "mismatch")),
+    # (d) the output store is shifted by one element
+    "out-of-bounds store": dict(
+        file="conv_fwd.cu", algo="direct", pass_name="fwd",
+        mutate=inject("conv_fwd.cu", "gc_conv_fwd(", "gc_store(y + idx,", "gc_store(y + idx + 1,"),
+        expect=(MemoryAccessError,)),
+    # (e) threads without a column leave before the barrier
+    "early return before a barrier": dict(
+        file="conv_fwd.cu", algo="tiled", pass_name="fwd",
+        mutate=inject("conv_fwd.cu", "gc_conv_fwd_tiled(", "__syncthreads();",
+                      "if (!nvalid) return;\n    __syncthreads();"),
+        expect=(SyncError,)),
+    # (f) weight gradient tile: the barrier after the multiply is gone (tiles are
+    #     overwritten while other threads still read them)
+    "removed second __syncthreads (wgrad)": dict(
+        file="conv_wgrad.cu", algo="tiled", pass_name="wgrad",
+        mutate=inject("conv_wgrad.cu", "acc[i][j] += a[i] * b[j];\n    }\n    __syncthreads();",
+                      "__syncthreads();\n  }\n  A* out", "\n  }\n  A* out"),
+        expect=(CudaSimError, "mismatch")),
+}
+
+
+@pytest.mark.parametrize("bug", list(BUGS))
+def test_injected_bug_is_reported_under_every_schedule(monkeypatch, data, bug):
+    spec = BUGS[bug]
+    monkeypatch.setenv("GPUCONV_CUDA_ALGO", spec["algo"])
+    rt = MutatedRuntime(spec["file"], spec["mutate"], time_limit=60)
+    seen = {}
+    for s in SCHEDULES:
+        with rt.schedule(s, seed=3):
+            res = outcome(rt, spec["pass_name"], data)
+        seen[s] = res
+        kinds = spec["expect"]
+        ok = any((isinstance(k, type) and isinstance(res, k)) or
+                 (isinstance(k, str) and isinstance(res, str) and res.startswith(k)) for k in kinds)
+        assert ok, f"{bug}: schedule {s}: expected one of {kinds}, got {res!r}"
+    # the errors name the kernel, the block and the thread
+    for res in seen.values():
+        if isinstance(res, CudaSimError):
+            assert "gpuconv_" in str(res) and "block (" in str(res)
+
+
+def test_early_return_message_points_at_the_source(monkeypatch, data):
+    spec = BUGS["early return before a barrier"]
+    monkeypatch.setenv("GPUCONV_CUDA_ALGO", "tiled")
+    rt = MutatedRuntime(spec["file"], spec["mutate"])
+    with pytest.raises(SyncError, match=r"__syncthreads\(\) at conv_fwd\.cu:\d+ reached by only "
+                                        r"\d+ of 256 threads.*already exited"):
+        run_pass(rt, "fwd", data)
+
+
+def test_oob_store_message_names_buffer_and_thread(monkeypatch, data):
+    spec = BUGS["out-of-bounds store"]
+    monkeypatch.setenv("GPUCONV_CUDA_ALGO", "direct")
+    rt = MutatedRuntime(spec["file"], spec["mutate"])
+    with pytest.raises(MemoryAccessError, match=r"thread \(\d+,0,0\): out-of-bounds write of "
+                                                r"argument 3 'y' \(float32\[2, 16, 7, 5\]\) at byte "
+                                                r"offset 4480 \(element 1120\)"):
+        run_pass(rt, "fwd", data)
