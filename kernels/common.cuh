@@ -161,15 +161,6 @@ __device__ __forceinline__ gc_geo gc_make_geo(int N, int C, int K, int G, int D,
   return g;
 }
 
-// Taps of one spatial dim that read input positions inside [0, L) for output o:
-// i = o*s - p + r*d, 0 <= i < L  <=>  r in [lo, hi).
-__device__ __forceinline__ void gc_tap_range(int o, int s, int p, int d, int L, int R, int& lo,
-                                             int& hi) {
-  int i0 = o * s - p;
-  lo = gc_max(0, gc_ceildiv(-i0, d));
-  hi = gc_min(R, gc_floordiv(L - 1 - i0, d) + 1);
-}
-
 // Emit an entry point for every dtype: MACRO(suffix, storage type)
 #define GC_FOR_EACH_DTYPE(MACRO) \
   MACRO(f16, gc_half)            \

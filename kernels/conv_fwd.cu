@@ -1,9 +1,8 @@
 // Forward convolution (cross-correlation), direct form, 1-3 spatial dims as 3-D.
 //   y[n,k,od,oh,ow] = bias[k] + sum_{c in group(k), taps} x[n,c,id,ih,iw] * w[k,c',kd,kh,kw]
 //   id = od*sd - pd + kd*dd  (likewise h, w); positions outside the input read zero.
-// One thread per output element (grid-stride loop, ow fastest so loads coalesce);
-// the valid tap range is computed per output, so padding costs no branches in the
-// inner loop.  I is the index type: int when every tensor has < 2^31 elements.
+// One thread per output element (grid-stride loop, ow fastest so loads coalesce).
+// I is the index type: int when every tensor has < 2^31 elements.
 
 template <typename T, typename I>
 __device__ __forceinline__ void gc_conv_fwd(const T* __restrict__ x, const T* __restrict__ w,
@@ -21,25 +20,27 @@ __device__ __forceinline__ void gc_conv_fwd(const T* __restrict__ x, const T* __
     const int k = (int)(t % g.K);
     const I n = t / g.K;
     const int grp = k / g.Kg;
-    int d0, d1, h0, h1, w0, w1;
-    gc_tap_range(od, g.sd, g.pd, g.dd, g.D, g.KD, d0, d1);
-    gc_tap_range(oh, g.sh, g.ph, g.dh, g.H, g.KH, h0, h1);
-    gc_tap_range(ow, g.sw, g.pw, g.dw, g.W, g.KW, w0, w1);
     const int id0 = od * g.sd - g.pd, ih0 = oh * g.sh - g.ph, iw0 = ow * g.sw - g.pw;
     A acc = A(0);
     const T* wk = w + (I)k * g.Cg * taps;
     const T* xn = x + (n * g.C + (I)grp * g.Cg) * g.D * g.H * g.W;
+    // Padding reads as zero and its products are still added (0 * w), so NaN/Inf in
+    // the weight propagate exactly as in an explicit im2col (and the numpy backend).
     for (int c = 0; c < g.Cg; ++c) {
       const T* xc = xn + (I)c * g.D * g.H * g.W;
       const T* wc = wk + c * taps;
-      for (int kd = d0; kd < d1; ++kd) {
+      for (int kd = 0; kd < g.KD; ++kd) {
         const int id = id0 + kd * g.dd;
-        for (int kh = h0; kh < h1; ++kh) {
+        const bool okd = id >= 0 && id < g.D;
+        for (int kh = 0; kh < g.KH; ++kh) {
           const int ih = ih0 + kh * g.dh;
+          const bool okh = okd && ih >= 0 && ih < g.H;
           const T* xrow = xc + ((I)id * g.H + ih) * g.W + iw0;
           const T* wrow = wc + (kd * g.KH + kh) * g.KW;
-          for (int kw = w0; kw < w1; ++kw) {
-            acc += (A)gc_load(xrow + kw * g.dw) * (A)gc_load(wrow + kw);
+          for (int kw = 0; kw < g.KW; ++kw) {
+            const int iw = iw0 + kw * g.dw;
+            const A xv = (okh && iw >= 0 && iw < g.W) ? (A)gc_load(xrow + kw * g.dw) : A(0);
+            acc += xv * (A)gc_load(wrow + kw);
           }
         }
       }

@@ -47,11 +47,13 @@ __device__ __forceinline__ void gc_conv_wgrad(const T* __restrict__ x, const T* 
       const int id = od * g.sd - g.pd + kd * g.dd;
       const int ih = oh * g.sh - g.ph + kh * g.dh;
       const int iw = ow * g.sw - g.pw + kw * g.dw;
-      if (id >= 0 && id < g.D && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W) {
-        const A xv = (A)gc_load(x + (((n * g.C + c) * g.D + id) * g.H + ih) * (I)g.W + iw);
-        const A gv = (A)gc_load(gy + (((n * g.K + k) * g.OD + od) * g.OH + oh) * (I)g.OW + ow);
-        acc += xv * gv;
-      }
+      // padding reads as zero and the product is still added (NaN/Inf in grad_out
+      // propagate as with an explicit im2col)
+      const bool inside = id >= 0 && id < g.D && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W;
+      const A xv = inside ? (A)gc_load(x + (((n * g.C + c) * g.D + id) * g.H + ih) * (I)g.W + iw)
+                          : A(0);
+      const A gv = (A)gc_load(gy + (((n * g.K + k) * g.OD + od) * g.OH + oh) * (I)g.OW + ow);
+      acc += xv * gv;
     }
     acc = gc_warp_sum(acc);
     if (lane == 0) warp_sums[warp] = acc;
