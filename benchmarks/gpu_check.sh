@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check (H200 budget: keep it under 5 minutes):
 #   1. the gpu-marked tests and the parametrized suite on the cupy backend,
-#   2. the GPU layer suite vs PyTorch/cuDNN (TF32 off), table printed last.
+#   2. the GPU layer suite (python -m gpuconv bench --backend cupy) vs PyTorch/cuDNN
+#      (TF32 off), table printed last.
 # Usage (repo root, on the GPU machine): bash benchmarks/gpu_check.sh [--quick]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +14,8 @@ echo "== device"; nvidia-smi --query-gpu=name,driver_version,memory.total --form
 $PY -c "import gpuconv, json; print(json.dumps(gpuconv.backend_info()['backends']['cupy'], default=str))"
 echo "== precompile"; time $PY -c "import gpuconv; print(len(gpuconv.precompile()), 'entry points')"
 echo "== gpu tests"
-timeout 150 $PY -m pytest -q -x -p no:cacheprovider -k "cupy or gpu" -m "gpu" tests 2>&1 | tail -25
+timeout 150 $PY -m pytest -q -x -p no:cacheprovider -m gpu tests 2>&1 | tail -25
 echo "tests rc=${PIPESTATUS[0]}"
-echo "== GPU benchmark"
-timeout 120 $PY benchmarks/run_gpu.py ${1:-} --json "$OUT/gpu_bench.json" 2>"$OUT/gpu_bench.log"
+echo "== GPU benchmark (cupy backend vs PyTorch/cuDNN, TF32 off, CUDA events, medians)"
+timeout 150 $PY -m gpuconv bench --backend cupy ${1:-} --json "$OUT/gpu_bench.json" 2>"$OUT/gpu_bench.log"
 echo "bench rc=$?"

@@ -141,16 +141,23 @@ def _gpuconv_fns(layer, g, backend, dtype, rng):
     }
 
 
-def _torch_fns(layer, g, dtype, rng, threads):
+def _torch_fns(layer, g, dtype, rng, threads, device="cpu"):
+    """PyTorch peer on the CPU (same thread count) or on CUDA (cuDNN, TF32 off)."""
     import torch
     import torch.nn.functional as F
-    if threads:
+    if device == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    elif threads:
         torch.set_num_threads(threads)
     tdt = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}[np.dtype(dtype).name]
-    x = torch.from_numpy(rng.standard_normal(g.x_shape).astype(np.float32)).to(tdt)
-    w = torch.from_numpy(rng.standard_normal(g.w_shape).astype(np.float32)).to(tdt)
-    gy = torch.from_numpy(rng.standard_normal(g.y_shape).astype(np.float32)).to(tdt)
+
+    def t(shape):
+        return torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(device, tdt)
+
+    x, w, gy = t(g.x_shape), t(g.w_shape), t(g.y_shape)
     nd = g.nd
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[nd]
     if g.pad_lo != g.pad_hi:
@@ -172,10 +179,10 @@ def _torch_fns(layer, g, dtype, rng, threads):
     }
 
 
-def _torch_available():
+def _torch_available(device="cpu"):
     try:
-        import torch  # noqa: F401
-        return True
+        import torch
+        return device == "cpu" or torch.cuda.is_available()
     except Exception:
         return False
 
@@ -190,10 +197,11 @@ def bench_layer(layer, *, backend="numpy", dtype="float32", batch=8, passes=PASS
     sync, timer = None, "wall"
     if backend == "cupy":
         timer = "cuda"
-    use_peer = peer in ("auto", "torch") and backend in ("numpy", "cudasim") and _torch_available()
+    device = "cuda" if backend == "cupy" else "cpu"
+    use_peer = peer in ("auto", "torch") and _torch_available(device)
     if peer == "torch" and not use_peer:
-        raise RuntimeError("peer='torch' requested but PyTorch is not importable")
-    pfns = _torch_fns(layer, g, dtype, rng, threads) if use_peer else {}
+        raise RuntimeError(f"peer='torch' requested but PyTorch ({device}) is not usable")
+    pfns = _torch_fns(layer, g, dtype, rng, threads, device) if use_peer else {}
     rows = []
     for p in passes:
         t = _median_time(fns[p], repeats, warmup, sync, timer)
@@ -208,7 +216,7 @@ def bench_layer(layer, *, backend="numpy", dtype="float32", batch=8, passes=PASS
             "peer": None, "peer_time_ms": None, "ratio": None, "peak_mb": None, "out_mb": None,
         }
         if pfns:
-            tp = _median_time(pfns[p], repeats, warmup)
+            tp = _median_time(pfns[p], repeats, warmup, sync, timer)
             row.update(peer="torch", peer_time_ms=tp * 1e3, ratio=tp / t)
         if memory and backend == "numpy":
             from ._numpy_backend import clear_workspace_cache
