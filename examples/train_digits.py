@@ -154,7 +154,6 @@ class Adam:
 
 
 def accuracy(model, x, y, batch_size=512):
-    xp = model.xp
     correct = 0
     for i in range(0, len(x), batch_size):
         logits = model.forward(x[i:i + batch_size])

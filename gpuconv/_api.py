@@ -8,7 +8,6 @@ inputs'.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 

@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 # dtype name -> (suffix used in entry-point names, C++ storage type)
 DTYPES = {

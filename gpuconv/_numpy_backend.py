@@ -382,6 +382,21 @@ def _im2col_view(src, g, rows):
     return as_strided(src, shape=shape, strides=strides, writeable=False)
 
 
+
+def _columns(src, g, nbc, rows, arena, cdt, direct):
+    """Column matrix (G, Cg*T, nbc*rows*Q) of a chunk: a view of the input slab when
+    the convolution needs no copy (``direct``: 1x1, stride 1, no padding) and the
+    view suits BLAS, else an im2col copy into the arena."""
+    G, Cg, T = g.groups, g.Cg, g.taps
+    L = rows * math.prod(g.out_spatial[1:])
+    if direct and nbc == 1:
+        colsm = _matrix_view(src[0], (G, Cg, L))
+        if colsm is not None and _blasable(colsm):
+            return colsm
+    cols = arena.take((g.C,) + g.kernel + (nbc, rows) + g.out_spatial[1:], cdt)
+    np.copyto(cols, _im2col_view(src, g, rows))
+    return cols.reshape(G, Cg * T, nbc * L)
+
 def _taps(g):
     return list(itertools.product(*[range(k) for k in g.kernel]))
 
@@ -621,15 +636,7 @@ class NumpyBackend:
             L = rows * Qr
             a, bb = _in_rows_for(p0, p1, g)
             src = _slab(x, g, n0, n1, 0, C, a, bb, arena, cdt, slab)
-            colsm = None
-            if direct and nbc == 1:
-                colsm = _matrix_view(src[0], (G, Cg, L))
-                if colsm is not None and not _blasable(colsm):
-                    colsm = None
-            if colsm is None:
-                cols = arena.take((C,) + g.kernel + (nbc, rows) + g.out_spatial[1:], cdt)
-                np.copyto(cols, _im2col_view(src, g, rows))
-                colsm = cols.reshape(G, Cg * T, nbc * L)
+            colsm = _columns(src, g, nbc, rows, arena, cdt, direct)
             if nbc == 1 and not cast_out:
                 dst = _view(y[n0, :, p0:p1], (G, Kg, L))  # y is fresh and contiguous
                 np.matmul(wm, colsm, out=dst)
@@ -830,15 +837,7 @@ class NumpyBackend:
             L = rows * Qr
             a, bb = _in_rows_for(p0, p1, g)
             src = _slab(x, g, n0, n1, 0, C, a, bb, arena, cdt, slab)
-            colsm = None
-            if direct and nbc == 1:
-                colsm = _matrix_view(src[0], (G, Cg, L))
-                if colsm is not None and not _blasable(colsm):
-                    colsm = None
-            if colsm is None:
-                cols = arena.take((C,) + g.kernel + (nbc, rows) + g.out_spatial[1:], cdt)
-                np.copyto(cols, _im2col_view(src, g, rows))
-                colsm = cols.reshape(G, Cg * T, nbc * L)
+            colsm = _columns(src, g, nbc, rows, arena, cdt, direct)
             gym = None
             if nbc == 1 and gy_direct and gy_ok:
                 gym = _matrix_view(gy[n0, :, p0:p1], (G, Kg, L))
@@ -1030,7 +1029,6 @@ class NumpyBackend:
         C, Kg, N, P0 = g.C, g.Kg, g.N, g.out_spatial[0]
         Qr = math.prod(g.out_spatial[1:])
         rest_p = math.prod(g.padded_spatial()[1:])
-        eff0 = g.dilation[0] * (g.kernel[0] - 1) + 1
         wt = np.ascontiguousarray(w.reshape(C, Kg, g.taps), dtype=cdt)
         slab = _needs_slab(g, x, cdt)
         cast = y.dtype != cdt
@@ -1171,8 +1169,6 @@ class NumpyBackend:
         T = g.taps
         Qr = math.prod(g.out_spatial[1:])
         rest_p = math.prod(g.padded_spatial()[1:])
-        eff0 = g.dilation[0] * (g.kernel[0] - 1) + 1
-        s0 = g.stride[0]
         slab = _needs_slab(g, x, cdt)
         gy_cast = gy.dtype != cdt
         wbytes = C * Kg * T * it

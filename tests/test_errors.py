@@ -190,7 +190,7 @@ def test_bias_grad_needs_spatial_dims():
 @pytest.mark.parametrize("shape", [(5,), (6, 1), ()])
 def test_bias_wrong_shape(shape):
     b = RNG.standard_normal(shape)
-    with raises(ValueError, "bias must have shape (6,)", "K=6", f"bias.shape="):
+    with raises(ValueError, "bias must have shape (6,)", "K=6", "bias.shape="):
         gpuconv.conv(X, W, b)
 
 

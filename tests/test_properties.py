@@ -98,7 +98,7 @@ def conv_cases(draw, small=False, dtypes=DTYPES, min_n=0):
     kernel = tuple(draw(st.integers(1, kmax)) for _ in range(nd))
     stride = _per_dim(draw, nd, (1, 2, 3))
     dilation = _per_dim(draw, nd, tuple(range(1, dmax + 1)))
-    s, d = _as_tuple(stride, nd), _as_tuple(dilation, nd)
+    d = _as_tuple(dilation, nd)
     form = draw(st.sampled_from(("pairs", "same", "int", "tuple", "valid")))
     if form == "int":
         padding = draw(st.integers(0, 2))

@@ -11,7 +11,6 @@ import threading
 import numpy as np
 
 from . import _build, _memory
-from ._build import CudaSimCompileError
 
 SCHEDULES = ("forward", "reverse", "random", "warp")
 _SCHED_CODE = {"forward": 0, "reverse": 1, "random": 2, "warp": 3}
