@@ -47,6 +47,12 @@ def array_namespace(op: str, **arrays) -> str:
             raise TypeError(f"{op}: {name} must be a numpy.ndarray or cupy.ndarray, "
                             f"got {type(a).__module__}.{type(a).__qualname__}")
     found = set(kinds.values())
+    if found == {"cupy"}:
+        devices = {n: a.device.id for n, a in arrays.items() if a is not None}
+        if len(set(devices.values())) > 1:
+            desc = ", ".join(f"{n} on GPU {d}" for n, d in devices.items())
+            raise ValueError(f"{op}: arrays on different devices ({desc}); move them to one "
+                             f"device first (cupy.asarray inside `with cupy.cuda.Device(i):`)")
     if len(found) > 1:
         desc = ", ".join(f"{n} is {k}" for n, k in kinds.items())
         raise TypeError(f"{op}: numpy and cupy arrays mixed ({desc}); gpuconv never copies "

@@ -154,3 +154,13 @@ def test_agrees_with_pytorch_cudnn_and_autograd(cp, torch_cuda, nd, kw, dtype):
     tol = 1e-5 if dtype == "float32" else 1e-12
     for ours, theirs in ((y, yt), (gx, xt.grad), (gw, wt.grad), (gb, bt.grad)):
         assert _rel(cp.asnumpy(ours), theirs.detach().cpu().numpy()) < tol
+
+
+def test_arrays_on_different_devices_are_refused(cp):
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("only one CUDA device")
+    with cp.cuda.Device(1):
+        w = cp.ones((2, 3, 3, 3), cp.float32)
+    x = cp.ones((1, 3, 5, 5), cp.float32)
+    with pytest.raises(ValueError, match="different devices"):
+        gpuconv.conv(x, w)
