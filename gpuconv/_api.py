@@ -16,7 +16,7 @@ from ._dispatch import array_namespace, get_backend
 
 __all__ = [
     "conv", "conv_input_grad", "conv_weight_grad", "conv_bias_grad", "conv_transpose",
-    "conv_output_shape",
+    "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "conv_output_shape",
     "conv1d", "conv2d", "conv3d",
     "conv1d_input_grad", "conv2d_input_grad", "conv3d_input_grad",
     "conv1d_weight_grad", "conv2d_weight_grad", "conv3d_weight_grad",
@@ -210,10 +210,20 @@ def conv_transpose(x, weight, bias=None, *, stride=1, padding=0, output_padding=
     It is the input gradient of the matching convolution, so it runs on the
     same kernels.
     """
-    op = "conv_transpose"
+    return _conv_transpose("conv_transpose", None, x, weight, bias, stride, padding,
+                           output_padding, dilation, groups, backend)
+
+
+def _conv_transpose(op, rank, x, weight, bias, stride, padding, output_padding, dilation, groups,
+                    backend):
     ns = array_namespace(op, x=x, weight=weight, bias=bias)
     dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
-    _ndim_check(op, "weight", weight, (3, 4, 5), "(C_in, C_out/groups, *kernel), 1-3 kernel dims")
+    if rank is None:
+        _ndim_check(op, "weight", weight, (3, 4, 5),
+                    "(C_in, C_out/groups, *kernel), 1-3 kernel dims")
+    else:
+        _ndim_check(op, "weight", weight, (rank + 2,),
+                    f"(C_in, C_out/groups, *kernel), {rank} kernel dims")
     nd = weight.ndim - 2
     _ndim_check(op, "x", x, (nd + 2,), f"(N, C_in, *spatial) with {nd} spatial dims")
     N, Cin = x.shape[:2]
@@ -373,3 +383,19 @@ conv1d, conv2d, conv3d = (_make_conv(n) for n in (1, 2, 3))
 conv1d_input_grad, conv2d_input_grad, conv3d_input_grad = (_make_input_grad(n) for n in (1, 2, 3))
 conv1d_weight_grad, conv2d_weight_grad, conv3d_weight_grad = (_make_weight_grad(n)
                                                               for n in (1, 2, 3))
+
+
+def _make_conv_transpose(nd):
+    name = f"conv_transpose{nd}d"
+
+    def f(x, weight, bias=None, *, stride=1, padding=0, output_padding=0, dilation=1, groups=1,
+          backend=None):
+        return _conv_transpose(name, nd, x, weight, bias, stride, padding, output_padding,
+                               dilation, groups, backend)
+
+    f.__name__ = f.__qualname__ = name
+    f.__doc__ = f"""{nd}-d transposed convolution (batched x only); see :func:`conv_transpose`."""
+    return f
+
+
+conv_transpose1d, conv_transpose2d, conv_transpose3d = (_make_conv_transpose(n) for n in (1, 2, 3))
