@@ -73,6 +73,7 @@ def split_reduction(blocks: int, red: int, target_blocks: int, min_per_split: in
 
 TILE = 64  # the tiled kernels' M and N tile (GC_TM/GC_TN, GC_WT_M/GC_WT_N)
 TILE_K = 16
+MAX_TAPS = 512  # GC_MAX_TAPS: the tiled forward keeps a per-tap offset table in shared memory
 
 
 def _algo():
@@ -87,7 +88,8 @@ def use_tiled(g) -> bool:
     """Implicit-GEMM tiles pay off for dense/grouped layers; depthwise-like layers
     (few channels per group) use the direct kernels.  Grid y = groups * M tiles
     must fit 65535."""
-    fits = g.groups * -(-g.Kg // TILE) <= K.MAX_GRID[1]
+    fits = (g.groups * -(-g.Kg // TILE) <= K.MAX_GRID[1] and g.taps <= MAX_TAPS
+            and math.prod(g.in_spatial) <= K.INT32_LIMIT)  # tap offsets are 32-bit
     algo = _algo()
     if algo == "direct" or not fits:
         return False
@@ -161,7 +163,8 @@ class CudaBackend:
             fn, _ = self._fn("fwd", g, xc.size, wc.size, total, kind="fwdtile")
             npq = g.N * math.prod(g.out_spatial)
             cfg = K.LaunchConfig((-(-npq // TILE), g.groups * -(-g.Kg // TILE), 1), (256, 1, 1))
-            K.launch(rt, fn, cfg, args, shared_mem=2 * TILE_K * TILE * self._acc_size(g))
+            smem = 2 * TILE_K * TILE * self._acc_size(g) + 16 * g.taps  # tiles + tap table
+            K.launch(rt, fn, cfg, args, shared_mem=smem)
         else:
             fn, _ = self._fn("fwd", g, xc.size, wc.size, total)
             K.launch(rt, fn, K.grid_1d(total), args)

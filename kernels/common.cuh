@@ -161,6 +161,28 @@ __device__ __forceinline__ gc_geo gc_make_geo(int N, int C, int K, int G, int D,
   return g;
 }
 
+// Output position (n, od, oh, ow) as mixed-radix digits, so the tiled kernels can
+// step through N*OD*OH*OW by a fixed amount without a division per element.
+struct gc_opos { int n, d, h, w; };
+
+__device__ __forceinline__ gc_opos gc_opos_of(long long r, const gc_geo& g) {
+  gc_opos p;
+  p.w = (int)(r % g.OW); r /= g.OW;
+  p.h = (int)(r % g.OH); r /= g.OH;
+  p.d = (int)(r % g.OD);
+  p.n = (int)(r / g.OD);
+  return p;
+}
+
+// p += s (s < OD*OH*OW per digit, as made by gc_opos_of): one carry per digit
+__device__ __forceinline__ void gc_opos_add(gc_opos& p, const gc_opos& s, const gc_geo& g) {
+  int carry;
+  p.w += s.w; carry = p.w >= g.OW; if (carry) p.w -= g.OW;
+  p.h += s.h + carry; carry = p.h >= g.OH; if (carry) p.h -= g.OH;
+  p.d += s.d + carry; carry = p.d >= g.OD; if (carry) p.d -= g.OD;
+  p.n += s.n + carry;
+}
+
 // Emit an entry point for every dtype: MACRO(suffix, storage type)
 #define GC_FOR_EACH_DTYPE(MACRO) \
   MACRO(f16, gc_half)            \

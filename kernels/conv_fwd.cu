@@ -70,10 +70,13 @@ GC_FOR_EACH_DTYPE(GC_FWD_ENTRY)
 //   r = (c, kd, kh, kw) (R = C/G * taps), A = weight rows, B = input gathered on the fly
 // (im2col is never materialised).  A 64x64 tile of C per block of 256 threads, 4x4
 // per thread (strided by 16 so stores and shared loads coalesce), R in steps of 16
-// through shared memory.  Grid: x = n tiles, y = group * m tiles.
+// through shared memory.  Grid: x = n tiles, y = group * m tiles.  The tap offsets
+// live in a shared table and each thread steps its rows' (c, tap) digits by 16, so
+// the gather does no integer division in the main loop.
 #define GC_TM 64
 #define GC_TN 64
 #define GC_TK 16
+#define GC_MAX_TAPS 512
 
 template <typename T, typename I>
 __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
@@ -85,10 +88,12 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
   extern __shared__ __align__(16) unsigned char gc_smem[];
   A* As = reinterpret_cast<A*>(gc_smem);  // [GC_TK][GC_TM]
   A* Bs = As + GC_TK * GC_TM;              // [GC_TK][GC_TN]
+  int* tab = reinterpret_cast<int*>(Bs + GC_TK * GC_TN);  // [taps][4]: kd*dd, kh*dh, kw*dw, offset
   const int taps = g.KD * g.KH * g.KW;
   const int R = g.Cg * taps;
   const I osp = (I)g.OD * g.OH * g.OW;
   const I npq = (I)g.N * osp;
+  const I dhw = (I)g.D * g.H * g.W;
   const int mtiles = (g.Kg + GC_TM - 1) / GC_TM;
   const int grp = blockIdx.y / mtiles;
   const int m0 = (blockIdx.y % mtiles) * GC_TM;
@@ -96,21 +101,30 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
   const int tid = threadIdx.x;
   const int tm = tid >> 4, tn = tid & 15;
 
+  for (int t = tid; t < taps; t += blockDim.x) {
+    const int kw = t % g.KW, kh = (t / g.KW) % g.KH, kd = t / (g.KW * g.KH);
+    tab[4 * t + 0] = kd * g.dd;
+    tab[4 * t + 1] = kh * g.dh;
+    tab[4 * t + 2] = kw * g.dw;
+    tab[4 * t + 3] = (kd * g.dd * g.H + kh * g.dh) * g.W + kw * g.dw;
+  }
+
   // this thread's B column: decode once
   const int nb = tid % GC_TN, kb0 = tid / GC_TN;
   const I ncol = n0 + nb;
   const bool nvalid = ncol < npq;
   int id0 = 0, ih0 = 0, iw0 = 0;
-  const T* xg = x;
+  I xoff = 0;  // element offset of the window's corner (may lie in the padding)
   if (nvalid) {
-    const I img = ncol / osp;
-    I o = ncol - img * osp;
-    const int ow = (int)(o % g.OW); o /= g.OW;
-    const int oh = (int)(o % g.OH);
-    const int od = (int)(o / g.OH);
-    id0 = od * g.sd - g.pd; ih0 = oh * g.sh - g.ph; iw0 = ow * g.sw - g.pw;
-    xg = x + (img * g.C + (I)grp * g.Cg) * ((I)g.D * g.H * g.W);
+    const gc_opos p = gc_opos_of(ncol, g);
+    id0 = p.d * g.sd - g.pd; ih0 = p.h * g.sh - g.ph; iw0 = p.w * g.sw - g.pw;
+    xoff = ((I)p.n * g.C + (I)grp * g.Cg) * dhw + ((I)id0 * g.H + ih0) * g.W + iw0;
   }
+  // this thread's B rows r = r0 + kb0 + 4i as (channel, tap) digits, stepped by GC_TK
+  int bc[4], bt[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) { bc[i] = (kb0 + 4 * i) / taps; bt[i] = (kb0 + 4 * i) % taps; }
+  const int step_c = GC_TK / taps, step_t = GC_TK % taps;
   // this thread's A row and 4 consecutive r
   const int am = tid >> 2, ak0 = (tid & 3) * 4;
   const int mrow = m0 + am;
@@ -122,6 +136,7 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
   for (int i = 0; i < 4; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
+  __syncthreads();  // tap table ready
 
   for (int r0 = 0; r0 < R; r0 += GC_TK) {
 #pragma unroll
@@ -132,19 +147,17 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int kr = kb0 + 4 * i;
-      const int r = r0 + kr;
       A v = A(0);
-      if (nvalid && r < R) {
-        const int c = r / taps;
-        int t = r - c * taps;
-        const int kw = t % g.KW; t /= g.KW;
-        const int kh = t % g.KH;
-        const int kd = t / g.KH;
-        const int id = id0 + kd * g.dd, ih = ih0 + kh * g.dh, iw = iw0 + kw * g.dw;
+      if (nvalid && r0 + kr < R) {
+        const int* e = tab + 4 * bt[i];
+        const int id = id0 + e[0], ih = ih0 + e[1], iw = iw0 + e[2];
         if (id >= 0 && id < g.D && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
-          v = (A)gc_load(xg + (((I)c * g.D + id) * g.H + ih) * g.W + iw);
+          v = (A)gc_load(x + (xoff + (I)bc[i] * dhw + e[3]));
       }
       Bs[kr * GC_TN + nb] = v;
+      bt[i] += step_t;
+      bc[i] += step_c;
+      if (bt[i] >= taps) { bt[i] -= taps; ++bc[i]; }
     }
     __syncthreads();
 #pragma unroll

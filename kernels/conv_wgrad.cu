@@ -142,9 +142,16 @@ __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
     kh = t % g.KH;
     kd = t / g.KH;
   }
-  const T* xc = x + ((I)grp * g.Cg + c) * dhw;
+  const I xc = ((I)grp * g.Cg + c) * dhw;  // element offset of this column's channel
+  const int dkd = kd * g.dd - g.pd, dkh = kh * g.dh - g.ph, dkw = kw * g.dw - g.pw;
   // A loads of this thread: r offset ar, rows am0 + 16*i
   const int ar = tid & 15, am0 = tid >> 4;
+  // positions this thread reads, as (n, od, oh, ow) digits stepped by GC_WT_K
+  const gc_opos step = gc_opos_of(GC_WT_K, g);
+  gc_opos pa = gc_opos_of(r_begin + ar, g);
+  gc_opos pb[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pb[i] = gc_opos_of(r_begin + kb0 + 4 * i, g);
 
   A acc[4][4];
 #pragma unroll
@@ -154,35 +161,30 @@ __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
 
   for (I rb = r_begin; rb < r_end; rb += GC_WT_K) {
     {
-      const I r = rb + ar;
-      const bool rvalid = r < r_end;
-      I img = 0, o = 0;
-      if (rvalid) { img = r / osp; o = r - img * osp; }
+      const bool rvalid = rb + ar < r_end;
+      const I o = ((I)pa.d * g.OH + pa.h) * g.OW + pa.w;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int m = m0 + am0 + 16 * i;
         A v = A(0);
-        if (rvalid && m < g.Kg) v = (A)gc_load(gy + (img * g.K + (I)grp * g.Kg + m) * osp + o);
+        if (rvalid && m < g.Kg)
+          v = (A)gc_load(gy + ((I)pa.n * g.K + (I)grp * g.Kg + m) * osp + o);
         As[ar * GC_WT_M + am0 + 16 * i] = v;
       }
+      gc_opos_add(pa, step, g);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int kr = kb0 + 4 * i;
-      const I r = rb + kr;
       A v = A(0);
-      if (nvalid && r < r_end) {
-        const I img = r / osp;
-        I o = r - img * osp;
-        const int ow = (int)(o % g.OW); o /= g.OW;
-        const int oh = (int)(o % g.OH);
-        const int od = (int)(o / g.OH);
-        const int id = od * g.sd - g.pd + kd * g.dd;
-        const int ih = oh * g.sh - g.ph + kh * g.dh;
-        const int iw = ow * g.sw - g.pw + kw * g.dw;
+      if (nvalid && rb + kr < r_end) {
+        const int id = pb[i].d * g.sd + dkd;
+        const int ih = pb[i].h * g.sh + dkh;
+        const int iw = pb[i].w * g.sw + dkw;
         if (id >= 0 && id < g.D && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
-          v = (A)gc_load(xc + img * g.C * dhw + ((I)id * g.H + ih) * g.W + iw);
+          v = (A)gc_load(x + ((I)pb[i].n * g.C * dhw + xc + ((I)id * g.H + ih) * g.W + iw));
       }
+      gc_opos_add(pb[i], step, g);
       Bs[kr * GC_WT_N + nb] = v;
     }
     __syncthreads();

@@ -49,6 +49,8 @@ CASES = {
     "1d-stride-dil": ((2, 3, 11), (9, 3, 3), dict(stride=2, padding=2, dilation=2)),
     "3d-mixed": ((1, 2, 4, 5, 3), (9, 2, 2, 3, 1), dict(stride=(1, 2, 1), padding=1)),
     "2d-depthwise-x2": ((2, 3, 6, 5), (6, 1, 3, 3), dict(stride=(2, 1), padding="same", groups=3)),
+    "2d-5x5-taps>16": ((2, 3, 7, 9), (9, 3, 5, 5), dict(stride=1, padding=(2, 1), dilation=(1, 2))),
+    "2d-1x1": ((3, 20, 3, 5), (17, 20, 1, 1), dict()),
 }
 
 
