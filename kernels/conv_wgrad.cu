@@ -38,12 +38,11 @@ __device__ __forceinline__ void gc_conv_wgrad(const T* __restrict__ x, const T* 
     const int k = (int)(t / g.Cg);
     const int c = (k / g.Kg) * g.Cg + cc;
     A acc = A(0);
-    for (I j = j_begin + threadIdx.x; j < j_end; j += blockDim.x) {
-      I u = j;
-      const int ow = (int)(u % g.OW); u /= g.OW;
-      const int oh = (int)(u % g.OH); u /= g.OH;
-      const int od = (int)(u % g.OD);
-      const I n = u / g.OD;
+    const gc_opos step = gc_opos_of(blockDim.x, g);
+    gc_opos p = gc_opos_of(j_begin + threadIdx.x, g);
+    for (I j = j_begin + threadIdx.x; j < j_end; j += blockDim.x, gc_opos_add(p, step, g)) {
+      const int od = p.d, oh = p.h, ow = p.w;
+      const I n = p.n;
       const int id = od * g.sd - g.pd + kd * g.dd;
       const int ih = oh * g.sh - g.ph + kh * g.dh;
       const int iw = ow * g.sw - g.pw + kw * g.dw;
