@@ -71,8 +71,8 @@ def split_reduction(blocks: int, red: int, target_blocks: int, min_per_split: in
     return splits, chunk
 
 
-TILE = 64  # the tiled kernels' M and N tile (GC_TM/GC_TN, GC_WT_M/GC_WT_N)
-TILE_K = 16
+TILE = 64  # the tiled kernels' M and N tile (GC_TILE_M/GC_TILE_N in common.cuh)
+TILE_K = 16  # GC_TILE_K
 MAX_TAPS = 512  # GC_MAX_TAPS: the tiled forward keeps a per-tap offset table in shared memory
 
 

@@ -855,15 +855,7 @@ class NumpyBackend:
                 np.add(st["acc"], st["tmp"], out=st["acc"])
             st["n"] += 1
 
-        # the partial sums live in the arenas: combine them before the arenas go back
-        states = _run_parallel_keep(chunks, W, arena_bytes, work, init)
-        try:
-            gw = np.array(states[0][0]["acc"], copy=True)
-            for st, _ in states[1:]:
-                gw += st["acc"]
-        finally:
-            for _, arena in states:
-                _release(arena)
+        gw = _run_parallel_sum(chunks, W, arena_bytes, work, init)
         return np.ascontiguousarray(gw.swapaxes(1, 2)) if trans else gw
 
     # ------------------------------------------------------------------ depthwise
@@ -1015,14 +1007,7 @@ class NumpyBackend:
             accv = st["acc"][c0:c1]
             np.add(accv, part, out=accv)
 
-        states = _run_parallel_keep(chunks, W, arena_bytes, work, init)
-        try:
-            gw = np.array(states[0][0]["acc"], copy=True)
-            for st, _ in states[1:]:
-                gw += st["acc"]
-        finally:
-            for _, arena in states:
-                _release(arena)
+        gw = _run_parallel_sum(chunks, W, arena_bytes, work, init)
         return gw
 
     def _forward_depthwise(self, x, w, b, g, y, cdt, it, W):
@@ -1218,15 +1203,23 @@ class NumpyBackend:
                 np.multiply(gys, win, out=tmp)
                 accv[:, :, t] += tmp.sum(axis=red_axes)
 
-        states = _run_parallel_keep(chunks, W, arena_bytes, work, init)
-        try:
-            gw = np.array(states[0][0]["acc"], copy=True)
-            for st, _ in states[1:]:
-                gw += st["acc"]
-        finally:
-            for _, arena in states:
-                _release(arena)
+        gw = _run_parallel_sum(chunks, W, arena_bytes, work, init)
         return gw
+
+
+def _run_parallel_sum(chunks, nworkers, arena_bytes, work, init):
+    """Run `work` over the chunks like _run_parallel, each worker accumulating into
+    ``state["acc"]`` in its own arena; return the workers' sums added in worker order
+    (a fixed order: deterministic for a given thread count) and release the arenas."""
+    states = _run_parallel_keep(chunks, nworkers, arena_bytes, work, init)
+    try:
+        total = np.array(states[0][0]["acc"], copy=True)
+        for st, _ in states[1:]:
+            total += st["acc"]
+    finally:
+        for _, arena in states:
+            _release(arena)
+    return total
 
 
 def _run_parallel_keep(chunks, nworkers, arena_bytes, work, init):

@@ -161,6 +161,31 @@ __device__ __forceinline__ gc_geo gc_make_geo(int N, int C, int K, int G, int D,
   return g;
 }
 
+// ---- shared-memory tiles of the implicit-GEMM kernels --------------------------------
+// A tile [GC_TILE_K][GC_TILE_M] and B tile [GC_TILE_K][GC_TILE_N] in shared memory;
+// thread (tm, tn) of 16x16 owns C rows tm + 16i and columns tn + 16j (i, j < 4), so
+// shared loads broadcast / stay conflict-free and global stores coalesce.
+#define GC_TILE_M 64
+#define GC_TILE_N 64
+#define GC_TILE_K 16
+
+template <typename A>
+__device__ __forceinline__ void gc_tile_mma(const A* As, const A* Bs, A (&acc)[4][4], int tm,
+                                            int tn) {
+#pragma unroll
+  for (int kk = 0; kk < GC_TILE_K; ++kk) {
+    A a[4], b[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = As[kk * GC_TILE_M + tm + 16 * i];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) b[j] = Bs[kk * GC_TILE_N + tn + 16 * j];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+  }
+}
+
 // Output position (n, od, oh, ow) as mixed-radix digits, so the tiled kernels can
 // step through N*OD*OH*OW by a fixed amount without a division per element.
 struct gc_opos { int n, d, h, w; };

@@ -73,9 +73,6 @@ GC_FOR_EACH_DTYPE(GC_FWD_ENTRY)
 // through shared memory.  Grid: x = n tiles, y = group * m tiles.  The tap offsets
 // live in a shared table and each thread steps its rows' (c, tap) digits by 16, so
 // the gather does no integer division in the main loop.
-#define GC_TM 64
-#define GC_TN 64
-#define GC_TK 16
 #define GC_MAX_TAPS 512
 
 template <typename T, typename I>
@@ -86,18 +83,18 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
                                                   int has_bias) {
   typedef typename gc_acc<T>::type A;
   extern __shared__ __align__(16) unsigned char gc_smem[];
-  A* As = reinterpret_cast<A*>(gc_smem);  // [GC_TK][GC_TM]
-  A* Bs = As + GC_TK * GC_TM;              // [GC_TK][GC_TN]
-  int* tab = reinterpret_cast<int*>(Bs + GC_TK * GC_TN);  // [taps][4]: kd*dd, kh*dh, kw*dw, offset
+  A* As = reinterpret_cast<A*>(gc_smem);  // [GC_TILE_K][GC_TILE_M]
+  A* Bs = As + GC_TILE_K * GC_TILE_M;              // [GC_TILE_K][GC_TILE_N]
+  int* tab = reinterpret_cast<int*>(Bs + GC_TILE_K * GC_TILE_N);  // [taps][4]: kd*dd, kh*dh, kw*dw, offset
   const int taps = g.KD * g.KH * g.KW;
   const int R = g.Cg * taps;
   const I osp = (I)g.OD * g.OH * g.OW;
   const I npq = (I)g.N * osp;
   const I dhw = (I)g.D * g.H * g.W;
-  const int mtiles = (g.Kg + GC_TM - 1) / GC_TM;
+  const int mtiles = (g.Kg + GC_TILE_M - 1) / GC_TILE_M;
   const int grp = blockIdx.y / mtiles;
-  const int m0 = (blockIdx.y % mtiles) * GC_TM;
-  const I n0 = (I)blockIdx.x * GC_TN;
+  const int m0 = (blockIdx.y % mtiles) * GC_TILE_M;
+  const I n0 = (I)blockIdx.x * GC_TILE_N;
   const int tid = threadIdx.x;
   const int tm = tid >> 4, tn = tid & 15;
 
@@ -110,7 +107,7 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
   }
 
   // this thread's B column: decode once
-  const int nb = tid % GC_TN, kb0 = tid / GC_TN;
+  const int nb = tid % GC_TILE_N, kb0 = tid / GC_TILE_N;
   const I ncol = n0 + nb;
   const bool nvalid = ncol < npq;
   int id0 = 0, ih0 = 0, iw0 = 0;
@@ -120,11 +117,11 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
     id0 = p.d * g.sd - g.pd; ih0 = p.h * g.sh - g.ph; iw0 = p.w * g.sw - g.pw;
     xoff = ((I)p.n * g.C + (I)grp * g.Cg) * dhw + ((I)id0 * g.H + ih0) * g.W + iw0;
   }
-  // this thread's B rows r = r0 + kb0 + 4i as (channel, tap) digits, stepped by GC_TK
+  // this thread's B rows r = r0 + kb0 + 4i as (channel, tap) digits, stepped by GC_TILE_K
   int bc[4], bt[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) { bc[i] = (kb0 + 4 * i) / taps; bt[i] = (kb0 + 4 * i) % taps; }
-  const int step_c = GC_TK / taps, step_t = GC_TK % taps;
+  const int step_c = GC_TILE_K / taps, step_t = GC_TILE_K % taps;
   // this thread's A row and 4 consecutive r
   const int am = tid >> 2, ak0 = (tid & 3) * 4;
   const int mrow = m0 + am;
@@ -138,11 +135,11 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
     for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
   __syncthreads();  // tap table ready
 
-  for (int r0 = 0; r0 < R; r0 += GC_TK) {
+  for (int r0 = 0; r0 < R; r0 += GC_TILE_K) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int r = r0 + ak0 + j;
-      As[(ak0 + j) * GC_TM + am] = (mvalid && r < R) ? (A)gc_load(wrow + r) : A(0);
+      As[(ak0 + j) * GC_TILE_M + am] = (mvalid && r < R) ? (A)gc_load(wrow + r) : A(0);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
@@ -154,24 +151,13 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
         if (id >= 0 && id < g.D && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
           v = (A)gc_load(x + (xoff + (I)bc[i] * dhw + e[3]));
       }
-      Bs[kr * GC_TN + nb] = v;
+      Bs[kr * GC_TILE_N + nb] = v;
       bt[i] += step_t;
       bc[i] += step_c;
       if (bt[i] >= taps) { bt[i] -= taps; ++bc[i]; }
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < GC_TK; ++kk) {
-      A a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[kk * GC_TM + tm + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Bs[kk * GC_TN + tn + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
+    gc_tile_mma(As, Bs, acc, tm, tn);
     __syncthreads();
   }
 #pragma unroll

@@ -7,7 +7,6 @@
 // Pass 2 (gpuconv_wgrad_reduce_<t>): gw[e] = sum over s of partial[s][e], in order.
 // No atomics anywhere: repeated calls are bit-identical.
 
-#define GC_WGRAD_THREADS 256
 
 template <typename A>
 __device__ __forceinline__ A gc_warp_sum(A v) {
@@ -102,9 +101,6 @@ GC_FOR_EACH_DTYPE(GC_WGRAD_ENTRY)
 //   A = grad_out, B = input gathered on the fly.  64x64 tile per block of 256
 //   threads, 4x4 per thread, r in steps of 16 through shared memory; the slice
 //   of r is blockIdx.z * chunk .. + chunk.  Same fixed order on every run.
-#define GC_WT_M 64
-#define GC_WT_N 64
-#define GC_WT_K 16
 
 template <typename T, typename I>
 __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
@@ -113,24 +109,24 @@ __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
                                                     const gc_geo g, I chunk) {
   typedef typename gc_acc<T>::type A;
   extern __shared__ __align__(16) unsigned char gc_smem[];
-  A* As = reinterpret_cast<A*>(gc_smem);  // [GC_WT_K][GC_WT_M]
-  A* Bs = As + GC_WT_K * GC_WT_M;          // [GC_WT_K][GC_WT_N]
+  A* As = reinterpret_cast<A*>(gc_smem);  // [GC_TILE_K][GC_TILE_M]
+  A* Bs = As + GC_TILE_K * GC_TILE_M;          // [GC_TILE_K][GC_TILE_N]
   const int taps = g.KD * g.KH * g.KW;
   const int Rn = g.Cg * taps;
   const I osp = (I)g.OD * g.OH * g.OW;
   const I red = (I)g.N * osp;
   const I dhw = (I)g.D * g.H * g.W;
-  const int mtiles = (g.Kg + GC_WT_M - 1) / GC_WT_M;
+  const int mtiles = (g.Kg + GC_TILE_M - 1) / GC_TILE_M;
   const int grp = blockIdx.y / mtiles;
-  const int m0 = (blockIdx.y % mtiles) * GC_WT_M;
-  const int n0 = blockIdx.x * GC_WT_N;
+  const int m0 = (blockIdx.y % mtiles) * GC_TILE_M;
+  const int n0 = blockIdx.x * GC_TILE_N;
   const I r_begin = (I)blockIdx.z * chunk;
   const I r_end = r_begin + chunk < red ? r_begin + chunk : red;
   const int tid = threadIdx.x;
   const int tm = tid >> 4, tn = tid & 15;
 
   // B column of this thread: (c, kd, kh, kw), decoded once
-  const int nb = tid % GC_WT_N, kb0 = tid / GC_WT_N;
+  const int nb = tid % GC_TILE_N, kb0 = tid / GC_TILE_N;
   const int ncol = n0 + nb;
   const bool nvalid = ncol < Rn;
   int c = 0, kd = 0, kh = 0, kw = 0;
@@ -145,8 +141,8 @@ __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
   const int dkd = kd * g.dd - g.pd, dkh = kh * g.dh - g.ph, dkw = kw * g.dw - g.pw;
   // A loads of this thread: r offset ar, rows am0 + 16*i
   const int ar = tid & 15, am0 = tid >> 4;
-  // positions this thread reads, as (n, od, oh, ow) digits stepped by GC_WT_K
-  const gc_opos step = gc_opos_of(GC_WT_K, g);
+  // positions this thread reads, as (n, od, oh, ow) digits stepped by GC_TILE_K
+  const gc_opos step = gc_opos_of(GC_TILE_K, g);
   gc_opos pa = gc_opos_of(r_begin + ar, g);
   gc_opos pb[4];
 #pragma unroll
@@ -158,7 +154,7 @@ __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
 
-  for (I rb = r_begin; rb < r_end; rb += GC_WT_K) {
+  for (I rb = r_begin; rb < r_end; rb += GC_TILE_K) {
     {
       const bool rvalid = rb + ar < r_end;
       const I o = ((I)pa.d * g.OH + pa.h) * g.OW + pa.w;
@@ -168,7 +164,7 @@ __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
         A v = A(0);
         if (rvalid && m < g.Kg)
           v = (A)gc_load(gy + ((I)pa.n * g.K + (I)grp * g.Kg + m) * osp + o);
-        As[ar * GC_WT_M + am0 + 16 * i] = v;
+        As[ar * GC_TILE_M + am0 + 16 * i] = v;
       }
       gc_opos_add(pa, step, g);
     }
@@ -184,21 +180,10 @@ __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
           v = (A)gc_load(x + ((I)pb[i].n * g.C * dhw + xc + ((I)id * g.H + ih) * g.W + iw));
       }
       gc_opos_add(pb[i], step, g);
-      Bs[kr * GC_WT_N + nb] = v;
+      Bs[kr * GC_TILE_N + nb] = v;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < GC_WT_K; ++kk) {
-      A a[4], b[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) a[i] = As[kk * GC_WT_M + tm + 16 * i];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = Bs[kk * GC_WT_N + tn + 16 * j];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
-    }
+    gc_tile_mma(As, Bs, acc, tm, tn);
     __syncthreads();
   }
   A* out = partial + (I)blockIdx.z * g.K * Rn;

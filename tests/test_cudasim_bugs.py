@@ -136,8 +136,13 @@ BUGS = {
     #     overwritten while other threads still read them)
     "removed second __syncthreads (wgrad)": dict(
         file="conv_wgrad.cu", algo="tiled", pass_name="wgrad",
-        mutate=inject("conv_wgrad.cu", "acc[i][j] += a[i] * b[j];\n    }\n    __syncthreads();",
+        mutate=inject("conv_wgrad.cu", "gc_tile_mma(As, Bs, acc, tm, tn);",
                       "__syncthreads();\n  }\n  A* out", "\n  }\n  A* out"),
+        expect=(CudaSimError, "mismatch")),
+    # (g) forward tile: the barrier between filling the tiles and multiplying them
+    "removed tile __syncthreads (fwd)": dict(
+        file="conv_fwd.cu", algo="tiled", pass_name="fwd",
+        mutate=inject("conv_fwd.cu", "Bs[kr * GC_TILE_N + nb] = v;", "__syncthreads();", ";"),
         expect=(CudaSimError, "mismatch")),
 }
 
