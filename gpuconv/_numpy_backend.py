@@ -312,6 +312,14 @@ def _blasable(m):
     return m.strides[-1] == it and m.strides[-2] >= m.shape[-1] * it and min(m.strides) >= 0
 
 
+def _whole_image_blasable(a, G, rows):
+    """Whether every image of a (N, G*rows, *spatial) is a (G, rows, prod(spatial)) BLAS
+    matrix stack as a view.  Checked on a whole image, so that any run of first-dim
+    rows of it is one too (a single row always is: it proves nothing)."""
+    m = _matrix_view(a[0], (G, rows, math.prod(a.shape[2:])))
+    return m is not None and _blasable(m)
+
+
 def _tap_range(o0, o1, i0, i1, k, s, d, lo):
     """Outputs o in [o0, o1) whose input i = o*s + k*d - lo lies in [i0, i1):
     returns (a, b, i_a) with i_a the input index of o = a; a >= b when empty."""
@@ -580,13 +588,7 @@ class NumpyBackend:
         """1x1, stride 1, unpadded, and x's images usable as (C, L) BLAS matrices."""
         if g.taps != 1 or any(s != 1 for s in g.stride) or _needs_slab(g, x, cdt):
             return False
-        it = x.itemsize
-        want = it
-        for d in range(x.ndim - 1, 1, -1):
-            if x.strides[d] != want:
-                return False
-            want *= x.shape[d]
-        return x.strides[1] >= want or x.shape[1] == 1
+        return _whole_image_blasable(x, g.groups, g.Cg)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, w, bias, g):
@@ -691,10 +693,7 @@ class NumpyBackend:
                 s.append(nb * C * h * Lr * it)
             return s
 
-        gy_is_blas_friendly = True
-        if gy_direct:
-            test = _matrix_view(gy[0, :, :1], (G, Kg, Qr))
-            gy_is_blas_friendly = test is not None and _blasable(test)
+        gy_is_blas_friendly = gy_direct and _whole_image_blasable(gy, G, Kg)
         budget = _budget(W)
         nb, hr = _plan(N, H, W, budget, lambda nb, h: _arena_bytes(sizes(nb, h)), Lr)
         chunks = _chunks(N, H, nb, hr)
@@ -787,10 +786,7 @@ class NumpyBackend:
         slab = _needs_slab(g, x, cdt)
         direct = self._direct_ok(g, x, cdt)
         gy_direct = gy.dtype == cdt
-        gy_ok = True
-        if gy_direct:
-            test = _matrix_view(gy[0, :, :1], (G, Kg, Qr))
-            gy_ok = test is not None and _blasable(test)
+        gy_ok = gy_direct and _whole_image_blasable(gy, G, Kg)
         wbytes = G * Kg * Cg * T * it
 
         def sizes(nb, r, tmp=True):

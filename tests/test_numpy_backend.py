@@ -15,6 +15,7 @@ import gpuconv
 from gpuconv import _numpy_backend as nb
 from gpuconv import reference as ref
 from gpuconv._geometry import conv_geometry
+from gpuconv.testing import assert_close
 
 try:
     import ml_dtypes
@@ -335,3 +336,35 @@ def test_weight_grad_strategies(name, one_gemm, trans_min, monkeypatch, threads)
     gw = gpuconv.conv_weight_grad(x, gy, ws, backend="numpy", **kw)
     gw_ref = ref.conv_weight_grad(x, gy, ws, **kw)
     assert _rel_err(gw, gw_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("workspace_kib", [None, 24, 2])
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_cropped_and_row_reversed_views(workspace_kib, kernel, n):
+    """Views whose rows cannot merge (a crop of a larger array, a reversed row axis):
+    whether BLAS can read them directly must be decided for whole images, not one
+    row (a review found an arena overflow there)."""
+    rng = np.random.default_rng(11)
+    old = gpuconv.get_workspace_limit()
+    if workspace_kib:
+        gpuconv.set_workspace_limit(workspace_kib / 1024)
+    try:
+        x0 = rng.standard_normal((n, 4, 18, 19)).astype(np.float32)
+        w = rng.standard_normal((8, 4, kernel, kernel)).astype(np.float32)
+        x_views = [x0[:, :, 1:-1, 1:-2], np.ascontiguousarray(x0[:, :, ::-1])[:, :, ::-1]]
+        assert all(not v.flags.c_contiguous for v in x_views)
+        for x in x_views:
+            g0 = rng.standard_normal((n, 8) + tuple(s - kernel + 3 for s in x.shape[2:]))
+            g0 = g0.astype(np.float32)  # cast first: the views below must stay views
+            gys = [g0[:, :, 1:-1, 1:-1],
+                   np.ascontiguousarray(g0[:, :, 1:-1, 1:-1][:, :, ::-1])[:, :, ::-1]]
+            assert all(not g.flags.c_contiguous for g in gys)
+            for gy in gys:
+                assert_close(gpuconv.conv(x, w), ref.conv(x, w), np.float32, "forward")
+                assert_close(gpuconv.conv_input_grad(gy, w, x.shape),
+                             ref.conv_input_grad(gy, w, x.shape), np.float32, "input grad")
+                assert_close(gpuconv.conv_weight_grad(x, gy, w.shape),
+                             ref.conv_weight_grad(x, gy, w.shape), np.float32, "weight grad")
+    finally:
+        gpuconv.set_workspace_limit(old / 2**20)
