@@ -221,13 +221,18 @@ class _SingleThreadedBlas:
     """While any parallel region runs, BLAS runs one thread per caller (re-entrant)."""
 
     def __enter__(self):
+        """Returns True when BLAS really runs one thread here.  OpenBLAS may ignore the
+        setting when it comes from a thread other than the one that first used it
+        (seen with 0.3.31 from a non-main Python thread): the caller then runs its
+        chunks in this thread alone instead of oversubscribing the cores."""
         with _blas_lock:
+            libs = _blas_controllers()
             if _blas_state["depth"] == 0:
-                libs = _blas_controllers()
                 _blas_state["saved"] = [lc.num_threads for lc in libs]
                 for lc in libs:
                     lc.set_num_threads(1)
             _blas_state["depth"] += 1
+            return all(lc.num_threads == 1 for lc in libs)
 
     def __exit__(self, *exc):
         with _blas_lock:
@@ -277,8 +282,10 @@ def _run_parallel(chunks, nworkers, arena_bytes, work, init=None):
 
     if nworkers == 1:
         return [job(parts[0])]
-    ex = _get_executor(nworkers - 1)
-    with _SingleThreadedBlas():
+    with _SingleThreadedBlas() as single:
+        if not single:  # same chunks, same order, one thread
+            return [job(p) for p in parts]
+        ex = _get_executor(nworkers - 1)
         futs = [ex.submit(job, p) for p in parts[1:]]
         try:
             first = job(parts[0])
@@ -307,9 +314,16 @@ def _view(a, shape):
 
 
 def _blasable(m):
-    """True if the (stack of) matrices m is laid out so BLAS can use it directly."""
+    """True if the (stack of) matrices m is laid out so BLAS can use it directly.
+
+    Strides of size-1 axes are ignored (numpy gives them arbitrary values): a chunk of
+    one column of a BLAS-ready image is as usable as the image itself."""
     it = m.itemsize
-    return m.strides[-1] == it and m.strides[-2] >= m.shape[-1] * it and min(m.strides) >= 0
+    if m.shape[-1] != 1 and m.strides[-1] != it:
+        return False
+    if m.shape[-2] != 1 and m.strides[-2] < m.shape[-1] * it:
+        return False
+    return all(s >= 0 for s, n in zip(m.strides, m.shape) if n != 1)
 
 
 def _whole_image_blasable(a, G, rows):
@@ -1237,8 +1251,18 @@ def _run_parallel_keep(chunks, nworkers, arena_bytes, work, init):
 
     if nworkers == 1:
         return [job(parts[0])]
-    ex = _get_executor(nworkers - 1)
-    with _SingleThreadedBlas():
+    with _SingleThreadedBlas() as single:
+        if not single:  # same chunks, same order, one thread
+            results = []
+            try:
+                for p in parts:
+                    results.append(job(p))
+            except BaseException:
+                for _, arena in results:
+                    _release(arena)
+                raise
+            return results
+        ex = _get_executor(nworkers - 1)
         futs = [ex.submit(job, p) for p in parts[1:]]
         results, err = [], None
         try:

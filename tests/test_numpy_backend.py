@@ -368,3 +368,41 @@ def test_cropped_and_row_reversed_views(workspace_kib, kernel, n):
                              ref.conv_weight_grad(x, gy, w.shape), np.float32, "weight grad")
     finally:
         gpuconv.set_workspace_limit(old / 2**20)
+
+
+def test_calls_from_concurrent_user_threads_agree_bitwise():
+    """Results do not depend on which user thread calls or on other concurrent calls
+    (the backend's BLAS pinning may not take effect from a non-main thread: it then
+    runs its chunks in the calling thread, same chunks, same order)."""
+    import threading
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 3, 33, 31)).astype(np.float32)
+    w = rng.standard_normal((10, 3, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal((4, 10, 33, 31)).astype(np.float32)
+
+    def run():
+        return [gpuconv.conv(x, w, padding=1),
+                gpuconv.conv_input_grad(gy, w, x.shape, padding=1),
+                gpuconv.conv_weight_grad(x, gy, w.shape, padding=1)]
+
+    results, errors = [], []
+
+    def target():
+        try:
+            results.append(run())
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=target) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for r in results[1:]:
+        for a, b in zip(r, results[0]):
+            assert a.tobytes() == b.tobytes()
+    want = [ref.conv(x, w, padding=1), ref.conv_input_grad(gy, w, x.shape, padding=1),
+            ref.conv_weight_grad(x, gy, w.shape, padding=1)]
+    for a, b, what in zip(results[0], want, ("forward", "input grad", "weight grad")):
+        assert_close(a, b, np.float32, what)
