@@ -141,6 +141,23 @@ def test_selftest_reports_a_crashing_backend(monkeypatch, capsys):
     assert "Traceback" not in captured.out + captured.err
 
 
+def test_selftest_fails_when_only_one_case_crashes(monkeypatch, capsys):
+    """A crash in the first case of a rank must not be hidden by later good cases."""
+    original = _numpy_backend.NumpyBackend.forward
+    calls = {"n": 0}
+
+    def crash_once(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("first call exploded")
+        return original(self, *args)
+
+    monkeypatch.setattr(_numpy_backend.NumpyBackend, "forward", crash_once)
+    assert main(["selftest", "--backend", "numpy", "--seed", "3", "--cases", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "first call exploded" in out and "SELFTEST FAILED" in out
+
+
 def test_selftest_on_unusable_backend_says_why(capsys):
     missing = [b for b in ("cupy", "cudasim") if b not in gpuconv.available_backends()]
     if not missing:
