@@ -53,43 +53,48 @@ def _check_bias(op, bias, K):
 # shared-kernel (seed) weight form reduces to a C = 1 convolution of the
 # channel sum of x, because the same kernel meets every input channel.
 
-def _channel_sum(x, g):
-    acc = _acc_dtype(g.dtype)
-    return x.astype(acc).sum(axis=1, keepdims=True).astype(g.dtype)
+def _channel_sum(x, acc):
+    """(N, 1, *L) sum over the channels, in the accumulate type (no full-size copy)."""
+    return x.sum(axis=1, keepdims=True, dtype=acc)
+
+
+def _shared_geometry(g):
+    """The C = 1 problem of a shared-kernel weight, computed in the accumulate type, so
+    half types are summed over channels in float32 and rounded once at the end."""
+    return dataclasses.replace(g, C=1, dtype=np.dtype(_acc_dtype(g.dtype)))
 
 
 def _forward(op, x, w, bias, g, ns, backend, shared=False):
-    xp = _xp(ns)
-    if g.N == 0:
-        return xp.empty(g.y_shape, dtype=g.dtype)
     be = get_backend(op, ns, backend)
+    if g.N == 0:
+        return _xp(ns).empty(g.y_shape, dtype=g.dtype)
     if shared:
-        g1 = dataclasses.replace(g, C=1)
-        return be.forward(_channel_sum(x, g), w[:, None], bias, g1)
+        g1 = _shared_geometry(g)
+        b1 = None if bias is None else bias.astype(g1.dtype, copy=False)
+        y = be.forward(_channel_sum(x, g1.dtype), w[:, None].astype(g1.dtype, copy=False), b1, g1)
+        return y.astype(g.dtype, copy=False)
     return be.forward(x, w, bias, g)
 
 
 def _input_grad(op, gy, w, g, ns, backend, shared=False):
+    be = get_backend(op, ns, backend)
     xp = _xp(ns)
     if g.N == 0:
         return xp.empty(g.x_shape, dtype=g.dtype)
-    be = get_backend(op, ns, backend)
-    if shared:
-        g1 = dataclasses.replace(g, C=1)
-        gx1 = be.input_grad(gy, w[:, None], g1)
+    if shared:  # every input channel gets the same gradient
+        gx1 = be.input_grad(gy, w[:, None], dataclasses.replace(g, C=1))
         return xp.ascontiguousarray(xp.broadcast_to(gx1, g.x_shape))
     return be.input_grad(gy, w, g)
 
 
 def _weight_grad(op, x, gy, g, ns, backend, shared=False):
-    xp = _xp(ns)
-    wshape = (g.K,) + g.kernel if shared else g.w_shape
-    if g.N == 0:
-        return xp.zeros(wshape, dtype=g.dtype)
     be = get_backend(op, ns, backend)
+    if g.N == 0:
+        return _xp(ns).zeros((g.K,) + g.kernel if shared else g.w_shape, dtype=g.dtype)
     if shared:
-        g1 = dataclasses.replace(g, C=1)
-        return be.weight_grad(_channel_sum(x, g), gy, g1)[:, 0]
+        g1 = _shared_geometry(g)
+        gw = be.weight_grad(_channel_sum(x, g1.dtype), gy.astype(g1.dtype, copy=False), g1)
+        return gw[:, 0].astype(g.dtype, copy=False)
     return be.weight_grad(x, gy, g)
 
 
@@ -186,9 +191,8 @@ def conv_bias_grad(grad_out):
         raise ValueError(f"{op}: grad_out must be (N, K, *spatial) with at least one spatial dim, "
                          f"got grad_out.shape={geo._fmt_shape(grad_out.shape)}")
     axes = (0,) + tuple(range(2, grad_out.ndim))
-    xp = _xp(ns)
-    out = grad_out.astype(_acc_dtype(dtype)).sum(axis=axes)
-    return xp.ascontiguousarray(out.astype(dtype))
+    out = grad_out.sum(axis=axes, dtype=_acc_dtype(dtype))  # no full-size cast copy
+    return _xp(ns).ascontiguousarray(out.astype(dtype, copy=False))
 
 
 def conv_output_shape(input_shape, weight_shape, *, stride=1, padding=0, dilation=1, groups=1):

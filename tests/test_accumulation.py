@@ -36,3 +36,25 @@ def test_long_reductions_accumulate_in_float32(backend, to_backend, to_host, dty
         rel = np.max(np.abs(got.astype(np.float64) - want) / np.abs(want))
         # the final rounding (eps/2) plus float32 summation error (~n * 2^-24, far below 1e-5)
         assert rel <= eps / 2 + 1e-5, (dtype, rel)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_shared_kernel_form_sums_channels_in_float32(backend, to_backend, to_host, dtype):
+    """The seed's shared-kernel weight (K, *kernel) sums x over its channels before the
+    convolution: that sum must stay in float32 (64 channels of ~2000 overflow float16)
+    and the result be rounded once."""
+    dt = _half(dtype)
+    eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7}[dtype]
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((1, 64, 8, 8)) * 100 + 2000).astype(dt)
+    w = rng.uniform(5e-4, 2e-3, (2, 3, 3)).astype(dt)
+    gy = rng.uniform(5e-4, 1e-3, (1, 2, 6, 6)).astype(dt)  # true weight grad ~ 4e3: fits
+    full_w = np.broadcast_to(w[:, None].astype(np.float64), (2, 64, 3, 3))
+    y = to_host(gpuconv.conv2d(to_backend(x), to_backend(w)))
+    gw = to_host(gpuconv.conv2d_weight_grad(to_backend(x), to_backend(gy), w.shape))
+    want_y = ref.conv(x, full_w)
+    want_gw = ref.conv_weight_grad(x, gy, full_w.shape).sum(axis=1)
+    for got, want in ((y, want_y), (gw, want_gw)):
+        assert np.isfinite(got.astype(np.float64)).all()
+        rel = np.max(np.abs(got.astype(np.float64) - want) / np.abs(want))
+        assert rel <= eps / 2 + 1e-5, rel

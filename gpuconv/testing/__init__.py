@@ -20,10 +20,10 @@ __all__ = ["gradcheck", "tolerance", "assert_close", "rel_error", "to_numpy",
            "as_backend_array"]
 
 # Relative tolerances (see tolerance()).  Half types: the backends accumulate in
-# float32 and round once, which costs at most eps/2 relative to max|reference|;
-# the seed's shared-kernel form rounds twice (channel sum, then result).  Two
-# epsilons keep a 2x margin over that and still catch wrong indexing, a missing
-# tap or a bad conversion (errors of order 1 / number of terms and more).
+# float32 and round once (the seed's shared-kernel form included), which costs at
+# most eps/2 relative to max|reference|.  Two epsilons keep a 4x margin over that
+# and still catch wrong indexing, a missing tap or a bad conversion (errors of
+# order 1 / number of terms and more).
 _F64_TOL = 1e-12
 _F32_TOL = 1e-5
 _HALF_EPS_FACTOR = 2.0
@@ -55,8 +55,7 @@ def tolerance(dtype) -> float:
 
     Half types are accumulated in float32 and rounded once, so a correct result
     is within ``eps/2`` of the reference (relative to its largest magnitude);
-    the factor 2 over ``eps`` leaves room for the shared-kernel form's second
-    rounding.  Calibrated on random geometries: the numpy backend stays below
+    the factor 2 over ``eps`` is a 4x margin over that.  Calibrated on random geometries: the numpy backend stays below
     ``0.5 * eps``; a missing tap or a wrong index is off by far more.
 
     >>> tolerance(np.float32)
