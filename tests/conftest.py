@@ -87,11 +87,22 @@ def poisoned_numpy_allocations():
     from gpuconv import _api, _numpy_backend
     mods = [_api, _numpy_backend]
     saved = [m.np for m in mods]
+    acquire = _numpy_backend._acquire
+
+    def poisoned_acquire(nbytes):
+        # workspace arenas are reused between calls: poison them on every hand-out,
+        # not only when first allocated
+        arena = acquire(nbytes)
+        arena.buf.fill(0xFF)
+        return arena
+
     try:
         for m in mods:
             m.np = _PoisonedNumpy(np)
+        _numpy_backend._acquire = poisoned_acquire
         yield
     finally:
+        _numpy_backend._acquire = acquire
         for m, old in zip(mods, saved):
             m.np = old
 
