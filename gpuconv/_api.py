@@ -232,6 +232,9 @@ def _conv_transpose(op, rank, x, weight, bias, stride, padding, output_padding, 
     _ndim_check(op, "x", x, (nd + 2,), f"(N, C_in, *spatial) with {nd} spatial dims")
     N, Cin = x.shape[:2]
     L = x.shape[2:]
+    if min(L) < 1 or Cin < 1:
+        raise ValueError(f"{op}: x.shape={geo._fmt_shape(x.shape)} has an empty channel or "
+                         f"spatial dimension")
     gr = geo._as_int(op, "groups", groups)
     if gr < 1 or Cin % gr:
         raise ValueError(f"{op}: groups={groups!r} must be >= 1 and divide the input channels "

@@ -219,12 +219,13 @@ def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1,
     w_shape = _shape_of(op, wn, w_shape)
     if len(w_shape) not in (3, 4, 5):
         raise ValueError(
-            f"{op}: weight must have shape (K, C/groups, *kernel) with 1, 2 or 3 kernel dims, "
+            f"{op}: {wn.split('.')[0]} must have shape (K, C/groups, *kernel) with 1, 2 or 3 kernel dims, "
             f"got {wn}={_fmt_shape(w_shape)} ({len(w_shape)} dims)")
     nd = len(w_shape) - 2
     if len(x_shape) != nd + 2:
+        what = xn.split(".")[0]  # "x" or "input_shape"
         raise ValueError(
-            f"{op}: x must have shape (N, C, *spatial) with {nd} spatial dims to match "
+            f"{op}: {what} must have shape (N, C, *spatial) with {nd} spatial dims to match "
             f"{wn}={_fmt_shape(w_shape)}, got {xn}={_fmt_shape(x_shape)} "
             f"({len(x_shape)} dims)")
     N, C = x_shape[:2]
