@@ -47,14 +47,14 @@ def dgrad_phases(g):
 
 
 def wgrad_plan(welems: int, red: int, threads: int = 256, target_blocks: int = 2048,
-               min_per_split: int = 4 * 256):
+               min_per_split: int = 4 * 256, max_blocks: int = K.MAX_BLOCKS_1D):
     """(grid_x, splits, chunk) for the direct split weight-gradient reduction.
 
     welems weight elements (one block each, grid-stride), each reduced over
     `red` positions; splits over the reduction (grid y) are added until about
     `target_blocks` blocks exist, keeping at least `min_per_split` positions each.
     """
-    grid_x = max(1, min(welems, K.MAX_BLOCKS_1D))
+    grid_x = max(1, min(welems, max_blocks))
     splits, chunk = split_reduction(grid_x, red, target_blocks, min_per_split, 1)
     return grid_x, splits, chunk
 
@@ -167,8 +167,14 @@ class CudaBackend:
             K.launch(rt, fn, cfg, args, shared_mem=smem)
         else:
             fn, _ = self._fn("fwd", g, xc.size, wc.size, total)
-            K.launch(rt, fn, K.grid_1d(total), args)
+            K.launch(rt, fn, K.grid_1d(total, max_blocks=self._max_blocks()), args)
         return y
+
+    def _max_blocks(self):
+        """Cap of the grid-stride kernels' 1-D grids.  A runtime may lower it
+        (``max_blocks_1d``): the emulator tests set it tiny so that every grid-stride
+        loop really runs more than one pass."""
+        return getattr(self.rt, "max_blocks_1d", K.MAX_BLOCKS_1D)
 
     @staticmethod
     def _acc_size(g):
@@ -184,7 +190,8 @@ class CudaBackend:
             gx = rt.empty(g.x_shape, g.dtype)
             total = math.prod(g.x_shape)
             fn, _ = self._fn("dgrad", g, gyc.size, wc.size, total)
-            K.launch(rt, fn, K.grid_1d(total), (gyc, wc, gx) + _geo_args(g) + dgrad_phases(g))
+            K.launch(rt, fn, K.grid_1d(total, max_blocks=self._max_blocks()),
+                     (gyc, wc, gx) + _geo_args(g) + dgrad_phases(g))
         return gx
 
     def weight_grad(self, x, gy, g):
@@ -200,7 +207,7 @@ class CudaBackend:
             cfg = K.LaunchConfig((ntiles, mtiles, splits), (256, 1, 1))
             smem = 2 * TILE_K * TILE * self._acc_size(g)
         else:
-            grid_x, splits, chunk = wgrad_plan(welems, red)
+            grid_x, splits, chunk = wgrad_plan(welems, red, max_blocks=self._max_blocks())
             cfg = K.LaunchConfig((grid_x, splits, 1), (256, 1, 1))
             smem = (256 // 32) * self._acc_size(g)
         with self._device(x):
@@ -213,6 +220,7 @@ class CudaBackend:
             K.launch(rt, fn, cfg, (xc, gyc, partial) + _geo_args(g) + (ityp(chunk),),
                      shared_mem=smem)
             red_fn = self.modules.function("wgrad", f"gpuconv_wgrad_reduce_{self._suffix(g)}")
-            K.launch(rt, red_fn, K.grid_1d(welems), (partial, gw, np.int64(welems),
+            K.launch(rt, red_fn, K.grid_1d(welems, max_blocks=self._max_blocks()),
+                     (partial, gw, np.int64(welems),
                                                      np.int32(splits)))
         return gw

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import gpuconv
+from gpuconv import _kernels as K
 from gpuconv import reference as ref
 from gpuconv._cuda_backend import CudaBackend, dgrad_as_forward, use_tiled
 from gpuconv._geometry import conv_geometry
@@ -64,10 +65,16 @@ def _data(g, dtype, seed):
 @pytest.mark.parametrize("index", ["32", "64"])
 @pytest.mark.parametrize("algo", ["direct", "tiled"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_entry_point_every_schedule(sim_backend, monkeypatch, dtype, algo, index, schedule):
+@pytest.mark.parametrize("cap", ["full", "3"])
+def test_every_entry_point_every_schedule(sim_backend, monkeypatch, dtype, algo, index, schedule,
+                                          cap):
+    """cap=3: grid-stride kernels get at most 3 blocks, so their loops run many passes
+    (on a GPU that happens past 524,280 blocks' worth of work)."""
     be = sim_backend
     dt = _np_dtype(dtype)
     monkeypatch.setenv("GPUCONV_CUDA_ALGO", algo)
+    monkeypatch.setattr(be.rt, "max_blocks_1d", 3 if cap == "3" else K.MAX_BLOCKS_1D,
+                        raising=False)
     monkeypatch.setenv("GPUCONV_CUDA_INDEX", index)
     be.called.clear()
     for i, (name, (xs, ws, kw)) in enumerate(CASES.items()):

@@ -184,3 +184,25 @@ def test_oob_store_message_names_buffer_and_thread(monkeypatch, data):
                                                 r"argument 3 'y' \(float32\[2, 16, 7, 5\]\) at byte "
                                                 r"offset 4480 \(element 1120\)"):
         run_pass(rt, "fwd", data)
+
+
+def test_removed_reuse_barrier_in_grid_stride_weight_grad_is_caught(monkeypatch, data):
+    """The direct weight gradient loops (grid-stride) over weight elements and reuses its
+    warp-sum scratch each time: without the barrier at the end of the loop body, lane 0
+    of a fast warp overwrites a slot thread 0 is still reading.  Only a second pass of
+    the loop shows it, so the grid is capped at 7 blocks (real grids are capped too,
+    at 524,280 blocks), and only an order that runs one warp ahead of the others
+    exposes the race: the 'warp' schedule must catch it."""
+    monkeypatch.setenv("GPUCONV_CUDA_ALGO", "direct")
+    mutate = inject("conv_wgrad.cu", "if (lane == 0) warp_sums[warp] = acc;",
+                    "__syncthreads();  // warp_sums is reused", ";  // barrier removed")
+    rt = MutatedRuntime("conv_wgrad.cu", mutate)
+    rt.max_blocks_1d = 7
+    with rt.schedule("warp", seed=3):
+        res = outcome(rt, "wgrad", data)
+    assert res != "ok", res
+    clean = SimRuntime()
+    clean.max_blocks_1d = 7
+    for s in SCHEDULES:  # the unmodified kernel passes the same capped runs
+        with clean.schedule(s, seed=3):
+            assert outcome(clean, "wgrad", data) == "ok", s
