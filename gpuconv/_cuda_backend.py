@@ -163,7 +163,7 @@ class CudaBackend:
             fn, _ = self._fn("fwd", g, xc.size, wc.size, total, kind="fwdtile")
             npq = g.N * math.prod(g.out_spatial)
             cfg = K.LaunchConfig((-(-npq // TILE), g.groups * -(-g.Kg // TILE), 1), (256, 1, 1))
-            smem = 2 * TILE_K * TILE * self._acc_size(g) + 16 * g.taps  # tiles + tap table
+            smem = self._tile_smem(g) + 16 * g.taps  # tiles + tap table
             K.launch(rt, fn, cfg, args, shared_mem=smem)
         else:
             fn, _ = self._fn("fwd", g, xc.size, wc.size, total)
@@ -175,6 +175,11 @@ class CudaBackend:
         (``max_blocks_1d``): the emulator tests set it tiny so that every grid-stride
         loop really runs more than one pass."""
         return getattr(self.rt, "max_blocks_1d", K.MAX_BLOCKS_1D)
+
+    @classmethod
+    def _tile_smem(cls, g):
+        """Bytes of the A tile (rows padded to TILE + 1) and B tile of the tiled kernels."""
+        return (TILE_K * (TILE + 1) + TILE_K * TILE) * cls._acc_size(g)
 
     @staticmethod
     def _acc_size(g):
@@ -205,7 +210,7 @@ class CudaBackend:
             mtiles = g.groups * -(-g.Kg // TILE)
             splits, chunk = split_reduction(ntiles * mtiles, red, 1024, 256, TILE_K)
             cfg = K.LaunchConfig((ntiles, mtiles, splits), (256, 1, 1))
-            smem = 2 * TILE_K * TILE * self._acc_size(g)
+            smem = self._tile_smem(g)
         else:
             grid_x, splits, chunk = wgrad_plan(welems, red, max_blocks=self._max_blocks())
             cfg = K.LaunchConfig((grid_x, splits, 1), (256, 1, 1))

@@ -162,12 +162,13 @@ __device__ __forceinline__ gc_geo gc_make_geo(int N, int C, int K, int G, int D,
 }
 
 // ---- shared-memory tiles of the implicit-GEMM kernels --------------------------------
-// A tile [GC_TILE_K][GC_TILE_M] and B tile [GC_TILE_K][GC_TILE_N] in shared memory;
+// A tile [GC_TILE_K][GC_TILE_MS] and B tile [GC_TILE_K][GC_TILE_N] in shared memory;
 // thread (tm, tn) of 16x16 owns C rows tm + 16i and columns tn + 16j (i, j < 4), so
 // shared loads broadcast / stay conflict-free and global stores coalesce.
 #define GC_TILE_M 64
 #define GC_TILE_N 64
 #define GC_TILE_K 16
+#define GC_TILE_MS (GC_TILE_M + 1)  // A-tile row stride: padded so column stores spread banks
 
 template <typename A>
 __device__ __forceinline__ void gc_tile_mma(const A* As, const A* Bs, A (&acc)[4][4], int tm,
@@ -176,7 +177,7 @@ __device__ __forceinline__ void gc_tile_mma(const A* As, const A* Bs, A (&acc)[4
   for (int kk = 0; kk < GC_TILE_K; ++kk) {
     A a[4], b[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) a[i] = As[kk * GC_TILE_M + tm + 16 * i];
+    for (int i = 0; i < 4; ++i) a[i] = As[kk * GC_TILE_MS + tm + 16 * i];
 #pragma unroll
     for (int j = 0; j < 4; ++j) b[j] = Bs[kk * GC_TILE_N + tn + 16 * j];
 #pragma unroll

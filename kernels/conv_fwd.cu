@@ -83,8 +83,8 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
                                                   int has_bias) {
   typedef typename gc_acc<T>::type A;
   extern __shared__ __align__(16) unsigned char gc_smem[];
-  A* As = reinterpret_cast<A*>(gc_smem);  // [GC_TILE_K][GC_TILE_M]
-  A* Bs = As + GC_TILE_K * GC_TILE_M;              // [GC_TILE_K][GC_TILE_N]
+  A* As = reinterpret_cast<A*>(gc_smem);  // [GC_TILE_K][GC_TILE_MS]
+  A* Bs = As + GC_TILE_K * GC_TILE_MS;              // [GC_TILE_K][GC_TILE_N]
   int* tab = reinterpret_cast<int*>(Bs + GC_TILE_K * GC_TILE_N);  // [taps][4]: kd*dd, kh*dh, kw*dw, offset
   const int taps = g.KD * g.KH * g.KW;
   const int R = g.Cg * taps;
@@ -139,7 +139,7 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int r = r0 + ak0 + j;
-      As[(ak0 + j) * GC_TILE_M + am] = (mvalid && r < R) ? (A)gc_load(wrow + r) : A(0);
+      As[(ak0 + j) * GC_TILE_MS + am] = (mvalid && r < R) ? (A)gc_load(wrow + r) : A(0);
     }
 #pragma unroll
     for (int i = 0; i < 4; ++i) {

@@ -109,8 +109,8 @@ __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
                                                     const gc_geo g, I chunk) {
   typedef typename gc_acc<T>::type A;
   extern __shared__ __align__(16) unsigned char gc_smem[];
-  A* As = reinterpret_cast<A*>(gc_smem);  // [GC_TILE_K][GC_TILE_M]
-  A* Bs = As + GC_TILE_K * GC_TILE_M;          // [GC_TILE_K][GC_TILE_N]
+  A* As = reinterpret_cast<A*>(gc_smem);  // [GC_TILE_K][GC_TILE_MS]
+  A* Bs = As + GC_TILE_K * GC_TILE_MS;          // [GC_TILE_K][GC_TILE_N]
   const int taps = g.KD * g.KH * g.KW;
   const int Rn = g.Cg * taps;
   const I osp = (I)g.OD * g.OH * g.OW;
@@ -164,7 +164,7 @@ __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
         A v = A(0);
         if (rvalid && m < g.Kg)
           v = (A)gc_load(gy + ((I)pa.n * g.K + (I)grp * g.Kg + m) * osp + o);
-        As[ar * GC_TILE_M + am0 + 16 * i] = v;
+        As[ar * GC_TILE_MS + am0 + 16 * i] = v;
       }
       gc_opos_add(pa, step, g);
     }
