@@ -17,6 +17,7 @@ from ._dispatch import array_namespace, get_backend
 __all__ = [
     "conv", "conv_input_grad", "conv_weight_grad", "conv_bias_grad", "conv_transpose",
     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "conv_output_shape",
+    "conv_transpose_output_shape",
     "conv1d", "conv2d", "conv3d",
     "conv1d_input_grad", "conv2d_input_grad", "conv3d_input_grad",
     "conv1d_weight_grad", "conv2d_weight_grad", "conv3d_weight_grad",
@@ -222,45 +223,10 @@ def _conv_transpose(op, rank, x, weight, bias, stride, padding, output_padding, 
                     backend):
     ns = array_namespace(op, x=x, weight=weight, bias=bias)
     dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
-    if rank is None:
-        _ndim_check(op, "weight", weight, (3, 4, 5),
-                    "(C_in, C_out/groups, *kernel), 1-3 kernel dims")
-    else:
-        _ndim_check(op, "weight", weight, (rank + 2,),
-                    f"(C_in, C_out/groups, *kernel), {rank} kernel dims")
-    nd = weight.ndim - 2
-    _ndim_check(op, "x", x, (nd + 2,), f"(N, C_in, *spatial) with {nd} spatial dims")
-    N, Cin = x.shape[:2]
-    L = x.shape[2:]
-    if min(L) < 1 or Cin < 1:
-        raise ValueError(f"{op}: x.shape={geo._fmt_shape(x.shape)} has an empty channel or "
-                         f"spatial dimension")
-    gr = geo._as_int(op, "groups", groups)
-    if gr < 1 or Cin % gr:
-        raise ValueError(f"{op}: groups={groups!r} must be >= 1 and divide the input channels "
-                         f"C_in={Cin} (x.shape={geo._fmt_shape(x.shape)})")
-    if weight.shape[0] != Cin:
-        raise ValueError(f"{op}: channel mismatch: x has C_in={Cin} channels but weight.shape[0]="
-                         f"{weight.shape[0]} (weight is (C_in, C_out/groups, *kernel), "
-                         f"weight.shape={geo._fmt_shape(weight.shape)})")
-    kernel = weight.shape[2:]
-    s = geo._int_tuple(op, "stride", stride, nd, 1)
-    d = geo._int_tuple(op, "dilation", dilation, nd, 1)
-    lo, hi = geo.resolve_padding(op, padding, L, kernel, s, d, allow_strings=False)
-    opad = geo.transpose_output_padding(op, output_padding, nd, s, d)
-    out = tuple((l - 1) * st - a - b + dl * (k - 1) + o + 1
-                for l, st, a, b, dl, k, o in zip(L, s, lo, hi, d, kernel, opad))
-    if min(out) < 1:
-        raise ValueError(f"{op}: output size {out} is not positive for x.shape="
-                         f"{geo._fmt_shape(x.shape)}, weight.shape={geo._fmt_shape(weight.shape)}, "
-                         f"stride={stride!r}, padding={padding!r}, dilation={dilation!r}")
-    Cout = weight.shape[1] * gr
-    _check_bias(op, bias, Cout)
-    # The matching forward convolution maps (N, C_out, *out) -> (N, C_in, *L') with
-    # weight (C_in, C_out/groups, *kernel).  L' = L unless output_padding >= stride
-    # (allowed when < dilation): then the extra trailing outputs get zero gradient.
-    g = geo.conv_geometry(op, (N, Cout) + out, weight.shape, stride=s, padding=tuple(zip(lo, hi)),
-                          dilation=d, groups=gr, dtype=dtype)
+    g, L = _transpose_geometry(op, rank, x.shape, weight.shape, stride, padding, output_padding,
+                               dilation, groups, dtype)
+    _check_bias(op, bias, g.C)
+    nd = g.nd
     xp = _xp(ns)
     gy = x
     if g.out_spatial != tuple(L):
@@ -270,6 +236,69 @@ def _conv_transpose(op, rank, x, weight, bias, stride, padding, output_padding, 
     if bias is not None:
         y += bias.reshape((1, -1) + (1,) * nd)
     return y
+
+
+def _transpose_geometry(op, rank, x_shape, w_shape, stride, padding, output_padding, dilation,
+                        groups, dtype, names=("x.shape", "weight.shape")):
+    """Validate a transposed convolution and return (g, L): g is the matching forward
+    convolution (N, C_out, *out) -> (N, C_in, *L'), weight (C_in, C_out/groups, *kernel);
+    L' = L unless output_padding >= stride (allowed when < dilation), when the extra
+    trailing positions of that forward output get zero gradient."""
+    xn, wn = names
+    x_shape = geo._shape_of(op, xn, x_shape)
+    w_shape = geo._shape_of(op, wn, w_shape)
+    ranks = (3, 4, 5) if rank is None else (rank + 2,)
+    if len(w_shape) not in ranks:
+        raise ValueError(f"{op}: weight must have {' or '.join(map(str, ranks))} dims "
+                         f"((C_in, C_out/groups, *kernel)), got {wn}={geo._fmt_shape(w_shape)}")
+    nd = len(w_shape) - 2
+    if len(x_shape) != nd + 2:
+        raise ValueError(f"{op}: x must have {nd + 2} dims ((N, C_in, *spatial) with {nd} spatial "
+                         f"dims), got {xn}={geo._fmt_shape(x_shape)}")
+    N, Cin = x_shape[:2]
+    L = tuple(x_shape[2:])
+    if min(L) < 1 or Cin < 1:
+        raise ValueError(f"{op}: {xn}={geo._fmt_shape(x_shape)} has an empty channel or "
+                         f"spatial dimension")
+    gr = geo._as_int(op, "groups", groups)
+    if gr < 1 or Cin % gr:
+        raise ValueError(f"{op}: groups={groups!r} must be >= 1 and divide the input channels "
+                         f"C_in={Cin} ({xn}={geo._fmt_shape(x_shape)})")
+    if w_shape[0] != Cin:
+        raise ValueError(f"{op}: channel mismatch: x has C_in={Cin} channels but weight.shape[0]="
+                         f"{w_shape[0]} (weight is (C_in, C_out/groups, *kernel), "
+                         f"{wn}={geo._fmt_shape(w_shape)})")
+    kernel = w_shape[2:]
+    s = geo._int_tuple(op, "stride", stride, nd, 1)
+    d = geo._int_tuple(op, "dilation", dilation, nd, 1)
+    lo, hi = geo.resolve_padding(op, padding, L, kernel, s, d, allow_strings=False)
+    opad = geo.transpose_output_padding(op, output_padding, nd, s, d)
+    out = tuple((l - 1) * st - a - b + dl * (k - 1) + o + 1
+                for l, st, a, b, dl, k, o in zip(L, s, lo, hi, d, kernel, opad))
+    if min(out) < 1:
+        raise ValueError(f"{op}: output size {out} is not positive for {xn}="
+                         f"{geo._fmt_shape(x_shape)}, {wn}={geo._fmt_shape(w_shape)}, "
+                         f"stride={stride!r}, padding={padding!r}, dilation={dilation!r}")
+    g = geo.conv_geometry(op, (N, w_shape[1] * gr) + out, w_shape, stride=s,
+                          padding=tuple(zip(lo, hi)), dilation=d, groups=gr, dtype=dtype)
+    return g, L
+
+
+def conv_transpose_output_shape(input_shape, weight_shape, *, stride=1, padding=0,
+                                output_padding=0, dilation=1, groups=1):
+    """Shape ``(N, C_out, *out)`` of ``conv_transpose(x, w, ...)`` for x of ``input_shape``
+    ``(N, C_in, *L)`` and w of ``weight_shape`` ``(C_in, C_out/groups, *kernel)``:
+    ``out = (L - 1)*stride - lo - hi + dilation*(k - 1) + output_padding + 1``,
+    every argument validated as ``conv_transpose`` would.
+
+    >>> conv_transpose_output_shape((1, 4, 5, 5), (4, 2, 3, 3), stride=2, padding=1,
+    ...                             output_padding=1)
+    (1, 2, 10, 10)
+    """
+    g, _ = _transpose_geometry("conv_transpose_output_shape", None, input_shape, weight_shape,
+                               stride, padding, output_padding, dilation, groups, np.float32,
+                               names=("input_shape", "weight_shape"))
+    return g.x_shape
 
 
 # ----------------------------------------------------------------------------- rank-specific

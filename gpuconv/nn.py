@@ -433,11 +433,6 @@ class ConvTranspose2d(_ConvBase):
         return gx
 
     def _out_shape(self, x_shape):
-        from ._geometry import resolve_padding
-        L = tuple(x_shape[2:])
-        lo, hi = resolve_padding(type(self).__name__, self.padding, L, self.kernel_size,
-                                 self.stride, self.dilation, allow_strings=False)
-        out = tuple((l - 1) * s - a - b + d * (k - 1) + o + 1 for l, s, a, b, d, k, o in
-                    zip(L, self.stride, lo, hi, self.dilation, self.kernel_size,
-                        self.output_padding))
-        return (x_shape[0], self.out_channels) + out
+        return _api.conv_transpose_output_shape(
+            x_shape, self.weight.shape, stride=self.stride, padding=self.padding,
+            output_padding=self.output_padding, dilation=self.dilation, groups=self.groups)

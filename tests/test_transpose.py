@@ -54,3 +54,16 @@ def test_rank_specific_transpose_checks_the_rank():
     with pytest.raises(ValueError, match=r"conv_transpose3d: weight must have 5 dims"):
         gpuconv.conv_transpose3d(x, w)
     assert gpuconv.conv_transpose2d(x, w).shape == (1, 3, 7, 7)
+
+
+def test_conv_transpose_output_shape_matches_the_result_and_validates():
+    rng = np.random.default_rng(9)
+    for xs, ws, kw in [((2, 4, 5), (4, 3, 3), dict(stride=3, padding=1, output_padding=2)),
+                       ((1, 4, 4, 3), (4, 1, 2, 3), dict(stride=(2, 1), padding=((1, 0), (0, 2)),
+                                                         dilation=(1, 2), groups=2)),
+                       ((1, 2, 2, 3, 3), (2, 3, 2, 2, 2), dict(stride=2, output_padding=(0, 1, 1)))]:
+        shape = gpuconv.conv_transpose_output_shape(xs, ws, **kw)
+        y = gpuconv.conv_transpose(rng.standard_normal(xs), rng.standard_normal(ws), **kw)
+        assert shape == y.shape
+    with pytest.raises(ValueError, match=r"input_shape=\(1, 3, 5, 5\)"):
+        gpuconv.conv_transpose_output_shape((1, 3, 5, 5), (4, 2, 3, 3), groups=2)
