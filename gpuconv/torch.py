@@ -103,14 +103,14 @@ def _context(t):
 
 
 def _check_devices(op, **tensors):
+    for n, t in tensors.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"gpuconv.torch.{op}: {n} must be a torch.Tensor, got "
+                            f"{type(t).__module__}.{type(t).__name__}")
     devs = {n: t.device for n, t in tensors.items() if t is not None}
     if len(set(devs.values())) > 1:
         desc = ", ".join(f"{n} on {d}" for n, d in devs.items())
         raise RuntimeError(f"gpuconv.torch.{op}: tensors on different devices ({desc})")
-    for n, t in tensors.items():
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"gpuconv.torch.{op}: {n} must be a torch.Tensor, got "
-                            f"{type(t).__name__}")
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -228,6 +228,7 @@ def conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
 
 def _rank_checked(name, nd):
     def f(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        _check_devices(name, input=input, weight=weight, bias=bias)
         if weight.dim() != nd + 2:
             raise ValueError(f"gpuconv.torch.{name}: weight must be (K, C/groups, *kernel) with "
                              f"{nd} kernel dims, got shape {tuple(weight.shape)}")
@@ -285,6 +286,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     >>> gt.conv_transpose2d(torch.ones(1, 3, 4, 4), torch.ones(3, 5, 2, 2), stride=2).shape
     torch.Size([1, 5, 8, 8])
     """
+    _check_devices("conv_transpose2d", input=input, weight=weight, bias=bias)
     if weight.dim() != 4:
         raise ValueError(f"gpuconv.torch.conv_transpose2d: weight must be (C_in, C_out/groups, "
                          f"kh, kw), got shape {tuple(weight.shape)}")

@@ -161,3 +161,9 @@ def test_docstring_examples():
     import doctest
     res = doctest.testmod(gt, optionflags=doctest.ELLIPSIS)
     assert res.attempted > 0 and res.failed == 0
+
+
+def test_non_tensor_arguments_get_a_type_error():
+    for f in (gt.conv2d, gt.conv, gt.conv_transpose2d):
+        with pytest.raises(TypeError, match="weight must be a torch.Tensor, got numpy.ndarray"):
+            f(torch.ones(1, 3, 5, 5), np.ones((3, 3, 3, 3)))
