@@ -39,6 +39,9 @@ def array_namespace(op: str, **arrays) -> str:
     for name, a in arrays.items():
         if a is None:
             continue
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError(f"{op}: {name} is a numpy.ma.MaskedArray; its mask would be ignored -- "
+                            f"pass {name}.filled(0) (or the values you mean) instead")
         if isinstance(a, np.ndarray):
             kinds[name] = "numpy"
         elif cp is not None and isinstance(a, cp.ndarray):

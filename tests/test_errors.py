@@ -449,3 +449,9 @@ def test_empty_batch(backend, to_backend, array_type):
     # seed forms
     gk = gpuconv.conv2d_weight_grad(x, gy, (6, 3, 3), **kw)
     assert gk.shape == (6, 3, 3) and np.array_equal(gt.to_numpy(gk), np.zeros((6, 3, 3)))
+
+
+def test_masked_arrays_are_refused_not_silently_unmasked():
+    x = np.ma.masked_array(np.ones((1, 2, 5, 5)), mask=False)
+    with pytest.raises(TypeError, match=r"conv: x is a numpy.ma.MaskedArray"):
+        gpuconv.conv(x, np.ones((3, 2, 3, 3)))
