@@ -232,10 +232,17 @@ def _conv_transpose(op, rank, x, weight, bias, stride, padding, output_padding, 
     if g.out_spatial != tuple(L):
         gy = xp.zeros(g.y_shape, dtype=dtype)
         gy[(slice(None), slice(None)) + tuple(slice(0, l) for l in L)] = x
-    y = _input_grad(op, gy, weight, g, ns, backend)
-    if bias is not None:
-        y += bias.reshape((1, -1) + (1,) * nd)
-    return y
+    acc = np.dtype(_acc_dtype(dtype))
+    if bias is None or acc == dtype:
+        y = _input_grad(op, gy, weight, g, ns, backend)
+        if bias is not None:
+            y += bias.reshape((1, -1) + (1,) * nd)
+        return y
+    # half types with a bias: add it in float32 before the one rounding
+    y = _input_grad(op, gy.astype(acc), weight.astype(acc), dataclasses.replace(g, dtype=acc),
+                    ns, backend)
+    y += bias.astype(acc).reshape((1, -1) + (1,) * nd)
+    return y.astype(dtype)
 
 
 def _transpose_geometry(op, rank, x_shape, w_shape, stride, padding, output_padding, dilation,

@@ -58,3 +58,20 @@ def test_shared_kernel_form_sums_channels_in_float32(backend, to_backend, to_hos
         assert np.isfinite(got.astype(np.float64)).all()
         rel = np.max(np.abs(got.astype(np.float64) - want) / np.abs(want))
         assert rel <= eps / 2 + 1e-5, rel
+
+
+@pytest.mark.parametrize("dtype,eps", [("float16", 2.0**-10), ("bfloat16", 2.0**-7)])
+def test_conv_transpose_with_bias_rounds_once(backend, to_backend, to_host, dtype, eps):
+    """The bias is added before the single rounding to the half type (adding it to an
+    already rounded result can be off by almost a whole unit in the last place)."""
+    dt = _half(dtype)
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0.5, 1.0, (2, 16, 9, 9)).astype(dt)
+    w = rng.uniform(0.5, 1.0, (16, 4, 3, 3)).astype(dt)
+    b = rng.uniform(0.05, 0.1, (4,)).astype(dt)
+    y = to_host(gpuconv.conv_transpose(to_backend(x), to_backend(w), to_backend(b), stride=2))
+    want = ref.conv_input_grad(x, w, (2, 4, 19, 19), stride=2) + \
+        b.astype(np.float64).reshape(1, -1, 1, 1)
+    assert y.dtype == dt
+    rel = np.max(np.abs(y.astype(np.float64) - want) / np.abs(want))
+    assert rel <= eps / 2 + 1e-5, rel / (eps / 2)
