@@ -75,6 +75,35 @@ GC_FOR_EACH_DTYPE(GC_FWD_ENTRY)
 // the gather does no integer division in the main loop.
 #define GC_MAX_TAPS 512
 
+// Global loads of one K-step of the tiled forward into registers: 4 weights (A) and 4
+// gathered inputs (B, zero in the padding); steps this thread's B-row digits.
+template <typename T, typename I, typename A>
+__device__ __forceinline__ void gc_fwd_tile_loads(
+    const T* __restrict__ x, const T* __restrict__ wrow, const int* tab, A (&ra)[4], A (&rb)[4],
+    int (&bc)[4], int (&bt)[4], int r0, int R, int taps, int step_c, int step_t, int ak0,
+    int kb0, bool mvalid, bool nvalid, int id0, int ih0, int iw0, I xoff, I dhw,
+    const gc_geo& g) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int r = r0 + ak0 + j;
+    ra[j] = (mvalid && r < R) ? (A)gc_load(wrow + r) : A(0);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    A v = A(0);
+    if (nvalid && r0 + kb0 + 4 * i < R) {
+      const int* e = tab + 4 * bt[i];
+      const int id = id0 + e[0], ih = ih0 + e[1], iw = iw0 + e[2];
+      if (id >= 0 && id < g.D && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
+        v = (A)gc_load(x + (xoff + (I)bc[i] * dhw + e[3]));
+    }
+    rb[i] = v;
+    bt[i] += step_t;
+    bc[i] += step_c;
+    if (bt[i] >= taps) { bt[i] -= taps; ++bc[i]; }
+  }
+}
+
 template <typename T, typename I>
 __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
                                                   const T* __restrict__ w,
@@ -135,28 +164,20 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
     for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
   __syncthreads();  // tap table ready
 
+  // Register prefetch: the global loads of tile r0 + GC_TILE_K are issued before the
+  // multiply of tile r0, so their latency hides behind it.
+  A ra[4], rb[4];
+  gc_fwd_tile_loads(x, wrow, tab, ra, rb, bc, bt, 0, R, taps, step_c, step_t, ak0, kb0, mvalid,
+                    nvalid, id0, ih0, iw0, xoff, dhw, g);
   for (int r0 = 0; r0 < R; r0 += GC_TILE_K) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int r = r0 + ak0 + j;
-      As[(ak0 + j) * GC_TILE_MS + am] = (mvalid && r < R) ? (A)gc_load(wrow + r) : A(0);
-    }
+    for (int j = 0; j < 4; ++j) As[(ak0 + j) * GC_TILE_MS + am] = ra[j];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int kr = kb0 + 4 * i;
-      A v = A(0);
-      if (nvalid && r0 + kr < R) {
-        const int* e = tab + 4 * bt[i];
-        const int id = id0 + e[0], ih = ih0 + e[1], iw = iw0 + e[2];
-        if (id >= 0 && id < g.D && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
-          v = (A)gc_load(x + (xoff + (I)bc[i] * dhw + e[3]));
-      }
-      Bs[kr * GC_TILE_N + nb] = v;
-      bt[i] += step_t;
-      bc[i] += step_c;
-      if (bt[i] >= taps) { bt[i] -= taps; ++bc[i]; }
-    }
+    for (int i = 0; i < 4; ++i) Bs[(kb0 + 4 * i) * GC_TILE_N + nb] = rb[i];
     __syncthreads();
+    if (r0 + GC_TILE_K < R)
+      gc_fwd_tile_loads(x, wrow, tab, ra, rb, bc, bt, r0 + GC_TILE_K, R, taps, step_c, step_t,
+                        ak0, kb0, mvalid, nvalid, id0, ih0, iw0, xoff, dhw, g);
     gc_tile_mma(As, Bs, acc, tm, tn);
     __syncthreads();
   }

@@ -102,6 +102,38 @@ GC_FOR_EACH_DTYPE(GC_WGRAD_ENTRY)
 //   threads, 4x4 per thread, r in steps of 16 through shared memory; the slice
 //   of r is blockIdx.z * chunk .. + chunk.  Same fixed order on every run.
 
+// Global loads of one K-step of the tiled weight gradient into registers: 4 grad_out
+// values (A) and 4 gathered inputs (B); steps this thread's position digits.
+template <typename T, typename I, typename A>
+__device__ __forceinline__ void gc_wgrad_tile_loads(
+    const T* __restrict__ x, const T* __restrict__ gy, A (&ra)[4], A (&rb)[4], gc_opos& pa,
+    gc_opos (&pb)[4], const gc_opos& step, I r0, I r_end, int ar, int am0, int kb0, int m0,
+    int grp, bool nvalid, int dkd, int dkh, int dkw, I xc, I dhw, I osp, const gc_geo& g) {
+  const bool rvalid = r0 + ar < r_end;
+  const I o = ((I)pa.d * g.OH + pa.h) * g.OW + pa.w;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = m0 + am0 + 16 * i;
+    A v = A(0);
+    if (rvalid && m < g.Kg) v = (A)gc_load(gy + ((I)pa.n * g.K + (I)grp * g.Kg + m) * osp + o);
+    ra[i] = v;
+  }
+  gc_opos_add(pa, step, g);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    A v = A(0);
+    if (nvalid && r0 + kb0 + 4 * i < r_end) {
+      const int id = pb[i].d * g.sd + dkd;
+      const int ih = pb[i].h * g.sh + dkh;
+      const int iw = pb[i].w * g.sw + dkw;
+      if (id >= 0 && id < g.D && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
+        v = (A)gc_load(x + ((I)pb[i].n * g.C * dhw + xc + ((I)id * g.H + ih) * g.W + iw));
+    }
+    rb[i] = v;
+    gc_opos_add(pb[i], step, g);
+  }
+}
+
 template <typename T, typename I>
 __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
                                                     const T* __restrict__ gy,
@@ -154,35 +186,20 @@ __device__ __forceinline__ void gc_conv_wgrad_tiled(const T* __restrict__ x,
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[i][j] = A(0);
 
+  // Register prefetch, as in the tiled forward: the loads of the next K-step are in
+  // flight while this one is multiplied.
+  A ra[4], rbv[4];
+  gc_wgrad_tile_loads(x, gy, ra, rbv, pa, pb, step, r_begin, r_end, ar, am0, kb0, m0, grp, nvalid,
+                      dkd, dkh, dkw, xc, dhw, osp, g);
   for (I rb = r_begin; rb < r_end; rb += GC_TILE_K) {
-    {
-      const bool rvalid = rb + ar < r_end;
-      const I o = ((I)pa.d * g.OH + pa.h) * g.OW + pa.w;
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int m = m0 + am0 + 16 * i;
-        A v = A(0);
-        if (rvalid && m < g.Kg)
-          v = (A)gc_load(gy + ((I)pa.n * g.K + (I)grp * g.Kg + m) * osp + o);
-        As[ar * GC_TILE_MS + am0 + 16 * i] = v;
-      }
-      gc_opos_add(pa, step, g);
-    }
+    for (int i = 0; i < 4; ++i) As[ar * GC_TILE_MS + am0 + 16 * i] = ra[i];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int kr = kb0 + 4 * i;
-      A v = A(0);
-      if (nvalid && rb + kr < r_end) {
-        const int id = pb[i].d * g.sd + dkd;
-        const int ih = pb[i].h * g.sh + dkh;
-        const int iw = pb[i].w * g.sw + dkw;
-        if (id >= 0 && id < g.D && ih >= 0 && ih < g.H && iw >= 0 && iw < g.W)
-          v = (A)gc_load(x + ((I)pb[i].n * g.C * dhw + xc + ((I)id * g.H + ih) * g.W + iw));
-      }
-      gc_opos_add(pb[i], step, g);
-      Bs[kr * GC_TILE_N + nb] = v;
-    }
+    for (int i = 0; i < 4; ++i) Bs[(kb0 + 4 * i) * GC_TILE_N + nb] = rbv[i];
     __syncthreads();
+    if (rb + GC_TILE_K < r_end)
+      gc_wgrad_tile_loads(x, gy, ra, rbv, pa, pb, step, rb + GC_TILE_K, r_end, ar, am0, kb0, m0,
+                          grp, nvalid, dkd, dkh, dkw, xc, dhw, osp, g);
     gc_tile_mma(As, Bs, acc, tm, tn);
     __syncthreads();
   }

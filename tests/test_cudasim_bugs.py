@@ -142,7 +142,14 @@ BUGS = {
     # (g) forward tile: the barrier between filling the tiles and multiplying them
     "removed tile __syncthreads (fwd)": dict(
         file="conv_fwd.cu", algo="tiled", pass_name="fwd",
-        mutate=inject("conv_fwd.cu", "Bs[kr * GC_TILE_N + nb] = v;", "__syncthreads();", ";"),
+        mutate=inject("conv_fwd.cu", "Bs[(kb0 + 4 * i) * GC_TILE_N + nb] = rb[i];",
+                      "__syncthreads();", ";"),
+        expect=(CudaSimError, "mismatch")),
+    # (h) forward tile: the barrier after the multiply (the prefetched next tile is
+    #     stored over the tiles other warps are still reading)
+    "removed second tile __syncthreads (fwd)": dict(
+        file="conv_fwd.cu", algo="tiled", pass_name="fwd",
+        mutate=inject("conv_fwd.cu", "gc_tile_mma(As, Bs, acc, tm, tn);", "__syncthreads();", ";"),
         expect=(CudaSimError, "mismatch")),
 }
 
