@@ -11,7 +11,6 @@ import gpuconv
 
 def scatter_transpose(x, w, stride, padding, output_padding, dilation, groups):
     N, Cin = x.shape[:2]
-    nd = x.ndim - 2
     L, k = x.shape[2:], w.shape[2:]
     Cog = w.shape[1]
     out = [(l - 1) * s - 2 * p + d * (kk - 1) + o + 1
