@@ -144,7 +144,7 @@ def test_weight_grad_with_many_splits(sim_backend, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- random geometry
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 
 @st.composite
@@ -173,7 +173,8 @@ def test_random_geometry_both_algorithms(sim_backend, algo):
     be = sim_backend
     import os
 
-    @settings(max_examples=30, deadline=None, derandomize=False)
+    @settings(max_examples=30, deadline=None, database=None, print_blob=True,
+              suppress_health_check=[HealthCheck.too_slow])
     @given(_geometry(), st.integers(0, 2**31 - 1))
     def check(geom, seed):
         xs, ws, kw = geom
