@@ -41,6 +41,7 @@ SOURCES = {
                                 "gpuconv_wgrad_reduce_{t}")),
 }
 COMMON = "common.cuh"
+WARP = "warp.cuh"  # gc_mma_* / gc_ldmatrix_* / gc_cp_async_* (inline PTX; emulator calls)
 INT32_LIMIT = 2**31 - 1
 
 # launch limits of every CUDA device we target (sm_60+)
@@ -81,10 +82,9 @@ def read_source(filename: str) -> str:
 
 
 def full_source(pass_name: str) -> str:
-    """common.cuh prepended as text (CuPy's cache key covers the source text only)."""
+    """common.cuh and warp.cuh prepended as text (CuPy's cache key covers the source text only)."""
     fname = SOURCES[pass_name][0]
-    return (f"// ---- {COMMON}\n" + read_source(COMMON) + f"\n// ---- {fname}\n"
-            + read_source(fname))
+    return "".join(f"// ---- {f}\n" + read_source(f) + "\n" for f in (COMMON, WARP, fname))
 
 
 def entry_names(pass_name: str) -> list:

@@ -21,11 +21,12 @@ signature, and launches past the time limit are exceptions naming the kernel,
 block, thread and source line.  See ``SCHEDULES`` and the error classes below.
 """
 from ._build import CudaSimCompileError, cache_dir
-from ._runtime import (SCHEDULES, CudaSimError, KernelCrashError, KernelTimeoutError, Kernel,
-                       LaunchArgumentError, LaunchConfigError, MemoryAccessError, Module,
-                       SimRuntime, SyncError, WarpSyncError, probe)
+from ._runtime import (SCHEDULES, AsyncCopyError, CudaSimError, KernelCrashError,
+                       KernelTimeoutError, Kernel, LaunchArgumentError, LaunchConfigError,
+                       MemoryAccessError, MmaOperandError, Module, SimRuntime, SyncError,
+                       WarpSyncError, probe)
 
 __all__ = ["probe", "SimRuntime", "SCHEDULES", "Kernel", "Module", "CudaSimError",
            "CudaSimCompileError", "LaunchArgumentError", "LaunchConfigError", "SyncError",
            "WarpSyncError", "MemoryAccessError", "KernelTimeoutError", "KernelCrashError",
-           "cache_dir"]
+           "AsyncCopyError", "MmaOperandError", "cache_dir"]

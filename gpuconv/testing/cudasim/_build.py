@@ -32,7 +32,7 @@ PAGE = 4096
 # usable dynamic shared memory (the largest opt-in size of current GPUs, 227 KiB, rounded up)
 DYN_SMEM_USABLE = 228 * 1024
 DYN_SMEM_CAPACITY = DYN_SMEM_USABLE + 2 * PAGE
-BUILD_VERSION = "3"  # bump to invalidate cached libraries
+BUILD_VERSION = "4"  # bump to invalidate cached libraries
 
 # headers a CUDA source may include; the shim already provides what they declare
 STUB_HEADERS = ("cuda.h", "cuda_runtime.h", "cuda_runtime_api.h", "cuda_fp16.h", "cuda_bf16.h",

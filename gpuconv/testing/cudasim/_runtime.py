@@ -45,6 +45,14 @@ class MemoryAccessError(CudaSimError):
     """Out-of-bounds or otherwise invalid memory access (global or shared memory)."""
 
 
+class AsyncCopyError(SyncError):
+    """cp.async misuse: shared bytes read (by ldmatrix) before the wait_group that delivers them."""
+
+
+class MmaOperandError(CudaSimError):
+    """A tensor-core operand the hardware would not take as given (an unrounded TF32 value)."""
+
+
 class KernelTimeoutError(CudaSimError):
     """The launch ran past the emulator's time limit (an infinite loop?)."""
 
@@ -54,7 +62,8 @@ class KernelCrashError(CudaSimError):
 
 
 _ERR_CLASS = {1: SyncError, 2: MemoryAccessError, 3: KernelTimeoutError, 4: KernelCrashError,
-              5: MemoryAccessError, 6: LaunchConfigError, 7: KernelCrashError, 8: WarpSyncError}
+              5: MemoryAccessError, 6: LaunchConfigError, 7: KernelCrashError, 8: WarpSyncError,
+              9: AsyncCopyError, 10: MmaOperandError, 11: MemoryAccessError}
 
 
 # ---------------------------------------------------------------------------- ctypes ABI
@@ -512,6 +521,11 @@ def _make_error(code, err, ctx, buffers, readonly):
     cls = _ERR_CLASS.get(code, CudaSimError)
     if code == 2:  # fault in global memory: name the buffer
         msg = _describe_fault(err.addr, err.access, buffers, readonly) or msg
+    elif code == 11:  # misaligned vector access: name the global buffer, if any
+        mm = _memory.find(err.addr)
+        if mm is not None and mm.data_addr <= err.addr < mm.data_end:
+            label = next((f"{p.label()} ({mm.label})" for m, p, _ in buffers if m is mm), mm.label)
+            msg += f"; in {label} at byte offset {err.addr - mm.data_addr}"
     return cls(f"cudasim: {ctx.head()}: {where}: {msg}")
 
 

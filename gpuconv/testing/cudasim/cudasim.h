@@ -21,7 +21,7 @@
 #include <string.h>
 
 // ------------------------------------------------------------------------------ ABI
-#define CUDASIM_ABI_VERSION 3
+#define CUDASIM_ABI_VERSION 4
 
 struct uint3 { unsigned int x, y, z; };
 
@@ -66,7 +66,12 @@ enum {
   CUDASIM_W_SYNCWARP = 0, CUDASIM_W_SHFL, CUDASIM_W_SHFL_UP, CUDASIM_W_SHFL_DOWN,
   CUDASIM_W_SHFL_XOR, CUDASIM_W_BALLOT, CUDASIM_W_ANY, CUDASIM_W_ALL,
   CUDASIM_W_RED_ADD, CUDASIM_W_RED_MIN, CUDASIM_W_RED_MAX, CUDASIM_W_RED_AND,
-  CUDASIM_W_RED_OR, CUDASIM_W_RED_XOR, CUDASIM_W_MATCH_ANY, CUDASIM_W_NOPS
+  CUDASIM_W_RED_OR, CUDASIM_W_RED_XOR, CUDASIM_W_MATCH_ANY,
+  // warp-wide .aligned matrix instructions (kernels/warp.cuh): every lane of a full warp
+  CUDASIM_W_MMA_F16, CUDASIM_W_MMA_BF16, CUDASIM_W_MMA_TF32, CUDASIM_W_MMA_F64,
+  CUDASIM_W_LDSM_X1, CUDASIM_W_LDSM_X2, CUDASIM_W_LDSM_X4,
+  CUDASIM_W_LDSM_X1_T, CUDASIM_W_LDSM_X2_T, CUDASIM_W_LDSM_X4_T,
+  CUDASIM_W_NOPS
 };
 
 extern "C" {
@@ -80,6 +85,15 @@ unsigned long long cudasim_warp(int op, unsigned int mask, unsigned long long bi
 unsigned int cudasim_activemask(void);
 void cudasim_trap(const char* what, int line) __attribute__((noreturn));
 long long cudasim_clock(void);
+// tensor-core and async-copy instructions (the semantics are documented in kernels/warp.cuh)
+void cudasim_mma(int op, void* d, const void* a, const void* b, const void* c, int line);
+void cudasim_ldmatrix(int op, unsigned int* r, const void* row, int line);
+void cudasim_cp_async(void* dst, const void* src, int cp_size, int src_bytes, int line);
+void cudasim_cp_async_commit(int line);
+void cudasim_cp_async_wait(int n, int line);
+// a vector-type load/store at an address not aligned to the type's size
+void cudasim_misaligned(const void* p, int align, int write, const char* type, int line)
+    __attribute__((noreturn));
 }
 
 #ifndef CUDASIM_RUNTIME  // ------------------------------------------ kernel-side API
@@ -115,15 +129,44 @@ long long cudasim_clock(void);
 static constexpr int warpSize = 32;
 
 // ---- vector types (CUDA alignments)
+// Copies of the multi-element vector types check the alignment of the source (a load)
+// and of the destination (a store): a misaligned uint4/float4/double2/__half2/... access
+// is a MemoryAccessError, as the GPU's "misaligned address" fault.  (They are therefore
+// not trivially copyable in the emulator: no unions of them; reinterpret_cast is fine.)
+#define CUDASIM_CHECKED_COPY(N, A)                                                        \
+  N(const N& o, int cudasim_line = __builtin_LINE()) {                                    \
+    if ((uintptr_t)&o & (uintptr_t)((A) - 1)) cudasim_misaligned(&o, (A), 0, #N, cudasim_line); \
+    memcpy((void*)this, (const void*)&o, sizeof(N));                                      \
+  }                                                                                       \
+  N& operator=(const N& o) {                                                              \
+    if ((uintptr_t)this & (uintptr_t)((A) - 1)) cudasim_misaligned(this, (A), 1, #N, 0);  \
+    if ((uintptr_t)&o & (uintptr_t)((A) - 1)) cudasim_misaligned(&o, (A), 0, #N, 0);      \
+    memcpy((void*)this, (const void*)&o, sizeof(N));                                      \
+    return *this;                                                                         \
+  }
+#define CUDASIM_VEC2(T, N, A)                                                             \
+  struct __attribute__((aligned(A))) N {                                                  \
+    T x, y;                                                                               \
+    N() = default;                                                                        \
+    constexpr N(T a, T b) : x(a), y(b) {}                                                 \
+    CUDASIM_CHECKED_COPY(N, A)                                                            \
+  };
+#define CUDASIM_VEC4(T, N, A)                                                             \
+  struct __attribute__((aligned(A))) N {                                                  \
+    T x, y, z, w;                                                                         \
+    N() = default;                                                                        \
+    constexpr N(T a, T b, T c, T d) : x(a), y(b), z(c), w(d) {}                           \
+    CUDASIM_CHECKED_COPY(N, A)                                                            \
+  };
 #define CUDASIM_VEC(T, N, A) \
   struct __attribute__((aligned(A))) N##1 { T x; }; \
-  struct __attribute__((aligned(2 * A))) N##2 { T x, y; }; \
+  CUDASIM_VEC2(T, N##2, 2 * A) \
   struct N##3 { T x, y, z; }; \
-  struct __attribute__((aligned(4 * A > 16 ? 16 : 4 * A))) N##4 { T x, y, z, w; }; \
+  CUDASIM_VEC4(T, N##4, (4 * A > 16 ? 16 : 4 * A)) \
   inline N##1 make_##N##1(T a) { return N##1{a}; } \
-  inline N##2 make_##N##2(T a, T b) { return N##2{a, b}; } \
+  inline N##2 make_##N##2(T a, T b) { return N##2(a, b); } \
   inline N##3 make_##N##3(T a, T b, T c) { return N##3{a, b, c}; } \
-  inline N##4 make_##N##4(T a, T b, T c, T d) { return N##4{a, b, c, d}; }
+  inline N##4 make_##N##4(T a, T b, T c, T d) { return N##4(a, b, c, d); }
 CUDASIM_VEC(signed char, char, 1)
 CUDASIM_VEC(unsigned char, uchar, 1)
 CUDASIM_VEC(short, short, 2)
@@ -133,14 +176,14 @@ CUDASIM_VEC(float, float, 4)
 #undef CUDASIM_VEC
 struct int3_unused_;
 inline uint3 make_uint3(unsigned a, unsigned b, unsigned c) { return uint3{a, b, c}; }
-struct __attribute__((aligned(8))) uint2 { unsigned int x, y; };
-struct __attribute__((aligned(16))) uint4 { unsigned int x, y, z, w; };
-inline uint2 make_uint2(unsigned a, unsigned b) { return uint2{a, b}; }
-inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
-struct __attribute__((aligned(16))) double2 { double x, y; };
-struct __attribute__((aligned(16))) longlong2 { long long x, y; };
-struct __attribute__((aligned(16))) ulonglong2 { unsigned long long x, y; };
-inline double2 make_double2(double a, double b) { return double2{a, b}; }
+CUDASIM_VEC2(unsigned int, uint2, 8)
+CUDASIM_VEC4(unsigned int, uint4, 16)
+inline uint2 make_uint2(unsigned a, unsigned b) { return uint2(a, b); }
+inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4(a, b, c, d); }
+CUDASIM_VEC2(double, double2, 16)
+CUDASIM_VEC2(long long, longlong2, 16)
+CUDASIM_VEC2(unsigned long long, ulonglong2, 16)
+inline double2 make_double2(double a, double b) { return double2(a, b); }
 
 // ---- barriers and warp operations (every one is a scheduling point)
 inline void __syncthreads(int line = __builtin_LINE()) {
@@ -161,7 +204,7 @@ inline void __syncwarp(unsigned int mask = 0xffffffffu, int line = __builtin_LIN
 
 template <class T>
 inline T cudasim_warp_value(int op, unsigned int mask, T v, int aux, int width, int line) {
-  static_assert(sizeof(T) <= 8 && std::is_trivially_copyable<T>::value,
+  static_assert(sizeof(T) <= 8 && std::is_standard_layout<T>::value,
                 "cudasim: warp shuffles take values of at most 8 bytes");
   unsigned long long b = 0;
   memcpy(&b, &v, sizeof(T));
@@ -441,6 +484,21 @@ inline unsigned short cudasim_float_to_bf16_bits(float f) {
 CUDASIM_HALF_TYPE(__half, cudasim_half_bits_to_float, cudasim_float_to_half_bits)
 CUDASIM_HALF_TYPE(__nv_bfloat16, cudasim_bf16_bits_to_float, cudasim_float_to_bf16_bits)
 #undef CUDASIM_HALF_TYPE
+// packed pairs (one 32-bit register): loads/stores alignment-checked like the vector types
+struct __attribute__((aligned(4))) __half2 {
+  __half x, y;
+  __half2() = default;
+  __half2(__half a, __half b) : x(a), y(b) {}
+  CUDASIM_CHECKED_COPY(__half2, 4)
+};
+struct __attribute__((aligned(4))) __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+  __nv_bfloat162() = default;
+  __nv_bfloat162(__nv_bfloat16 a, __nv_bfloat16 b) : x(a), y(b) {}
+  CUDASIM_CHECKED_COPY(__nv_bfloat162, 4)
+};
+typedef __half2 half2;
+typedef __nv_bfloat162 nv_bfloat162;
 typedef __half half;
 typedef __nv_bfloat16 nv_bfloat16;
 inline float __half2float(__half h) { return cudasim_half_bits_to_float(h.__x); }

@@ -18,6 +18,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <link.h>
+#include <math.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -40,7 +41,17 @@ enum State { RUNNABLE = 0, AT_BAR, AT_WARP, EXITED, FAILED };
 enum Sched { S_FORWARD = 0, S_REVERSE, S_RANDOM, S_WARP };
 enum ErrCode {
   E_OK = 0, E_SYNC = 1, E_FAULT = 2, E_TIMEOUT = 3, E_CRASH = 4, E_SMEM = 5, E_CONFIG = 6,
-  E_STACK = 7, E_WARP = 8
+  E_STACK = 7, E_WARP = 8, E_ASYNC = 9, E_OPERAND = 10, E_ALIGN = 11
+};
+
+// one cp.async in flight: its data (read from global memory at issue) lands at the
+// wait_group that covers its commit group
+struct PendingCopy {
+  char* dst;
+  unsigned char data[16];
+  int size;
+  int group;  // commit group of the issuing thread (== its committed count while open)
+  int line;
 };
 
 struct Fiber {
@@ -52,6 +63,10 @@ struct Fiber {
   unsigned int mask;   // warp op
   int aux, width, size;
   unsigned long long val, result;
+  unsigned long long aligned_seq;  // .aligned warp instructions (mma, ldmatrix) executed
+  int cp_committed;    // cp.async commit groups committed so far
+  int cp_npend, cp_cap;
+  PendingCopy* cp_pend;  // cp.async copies not yet landed (issue order)
   void* sp;            // saved stack pointer (x86-64 switch)
   char* stack_lo;      // usable stack [stack_lo, stack_hi); guard page below stack_lo
   char* stack_hi;
@@ -177,7 +192,17 @@ const char* op_name(int op) {
                                 "__shfl_xor_sync", "__ballot_sync", "__any_sync", "__all_sync",
                                 "__reduce_add_sync", "__reduce_min_sync", "__reduce_max_sync",
                                 "__reduce_and_sync", "__reduce_or_sync", "__reduce_xor_sync",
-                                "__match_any_sync"};
+                                "__match_any_sync",
+                                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32",
+                                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                                "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+                                "mma.sync.aligned.m8n8k4.row.col.f64.f64.f64.f64",
+                                "ldmatrix.sync.aligned.m8n8.x1.shared.b16",
+                                "ldmatrix.sync.aligned.m8n8.x2.shared.b16",
+                                "ldmatrix.sync.aligned.m8n8.x4.shared.b16",
+                                "ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16",
+                                "ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16",
+                                "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"};
   return (op >= 0 && op < CUDASIM_W_NOPS) ? names[op] : "?";
 }
 const char* bar_name(int op) {
@@ -351,6 +376,11 @@ extern "C" __attribute__((visibility("default"))) int cudasim_syncthreads(int op
   return (int)f->result;
 }
 
+namespace {
+unsigned long long warp_arrive(Fiber* f, int op, unsigned int mask, unsigned long long bits,
+                               int size, int aux, int width, int line);
+}
+
 extern "C" __attribute__((visibility("default"))) unsigned long long cudasim_warp(
     int op, unsigned int mask, unsigned long long bits, int size, int aux, int width, int line) {
   Fiber* f = g_running;
@@ -366,6 +396,12 @@ extern "C" __attribute__((visibility("default"))) unsigned long long cudasim_war
   if (width <= 0 || width > 32 || (width & (width - 1)))
     fail_in_fiber(E_WARP, "%s at {L%d}: width=%d is not a power of 2 in 1..32", op_name(op), line,
                   width);
+  return warp_arrive(f, op, mask, bits, size, aux, width, line);
+}
+
+namespace {
+unsigned long long warp_arrive(Fiber* f, int op, unsigned int mask, unsigned long long bits,
+                               int size, int aux, int width, int line) {
   for (int l = 0; l < 32; ++l) {
     if (!(mask >> l & 1u)) continue;
     Fiber& o = g_fibers[f->warp * 32 + l];
@@ -383,6 +419,437 @@ extern "C" __attribute__((visibility("default"))) unsigned long long cudasim_war
   f->state = AT_WARP;
   to_scheduler(f);
   return f->result;
+}
+}  // namespace
+
+// ------------------------------------------------------------------ tensor cores, cp.async
+// Semantics (the specification is the table in kernels/warp.cuh, after the PTX ISA):
+//  * mma / ldmatrix are .aligned warp collectives: all 32 lanes of a full warp arrive at
+//    the same instruction (same line, same dynamic instance), resolved in the scheduler;
+//  * cp.async reads its global source at issue, poisons its shared destination, and the
+//    data lands when a cp.async.wait_group of the issuing thread covers its commit group.
+namespace {
+
+void thread_str(int i, char* buf, size_t n);
+unsigned short* g_shadow = nullptr;  // per byte of the module TLS block: cp.async in flight
+size_t g_shadow_cap = 0;
+bool g_shadow_dirty = false;
+
+struct MmaFrame { void* d; const void* a; const void* b; const void* c; };
+struct LdsmFrame { unsigned int* r; const char* row; };
+
+inline bool is_mma(int op) { return op >= CUDASIM_W_MMA_F16 && op <= CUDASIM_W_MMA_F64; }
+inline bool is_ldsm(int op) { return op >= CUDASIM_W_LDSM_X1 && op <= CUDASIM_W_LDSM_X4_T; }
+inline int ldsm_nmat(int op) {
+  int k = (op - CUDASIM_W_LDSM_X1) % 3;
+  return k == 0 ? 1 : k == 1 ? 2 : 4;
+}
+inline bool ldsm_trans(int op) { return op >= CUDASIM_W_LDSM_X1_T; }
+
+// where [p, p+n) lies: 1 dynamic shared memory, 2 static __shared__ memory, 0 elsewhere;
+// *off = byte offset in that space, *why = set when the range leaves it
+int smem_where(const void* p, size_t n, size_t* off, const char** why) {
+  const char* a = (const char*)p;
+  const cudasim_launch_desc* d = g_desc;
+  *why = nullptr;
+  *off = 0;
+  if (g_dyn_base && a >= d->dyn_array && a < d->dyn_array + d->dyn_capacity) {
+    if (a < g_dyn_base) { *why = "before the start of dynamic shared memory"; return 1; }
+    *off = (size_t)(a - g_dyn_base);
+    if (*off + n > d->dyn_bytes) *why = "past the end of the launch's dynamic shared memory";
+    return 1;
+  }
+  if (d->tls_block && a >= d->tls_block && a < d->tls_block + d->tls_size) {
+    *off = (size_t)(a - d->tls_block);
+    if (a + n > d->tls_block + d->tls_size) *why = "past the end of static shared memory";
+    return 2;
+  }
+  return 0;
+}
+const char* space_name(int w) {
+  return w == 1 ? "dynamic shared memory" : "static __shared__ memory";
+}
+
+inline void shadow_add(const char* p, int n, int delta) {
+  if (!g_shadow || !g_desc->tls_block) return;
+  const char* t0 = g_desc->tls_block;
+  if (p < t0 || p + n > t0 + g_desc->tls_size) return;
+  size_t o = (size_t)(p - t0);
+  for (int i = 0; i < n; ++i) g_shadow[o + i] = (unsigned short)(g_shadow[o + i] + delta);
+  if (delta > 0) g_shadow_dirty = true;
+}
+inline bool shadow_busy(const char* p, int n) {
+  if (!g_shadow || !g_desc->tls_block) return false;
+  const char* t0 = g_desc->tls_block;
+  if (p < t0 || p + n > t0 + g_desc->tls_size) return false;
+  size_t o = (size_t)(p - t0);
+  for (int i = 0; i < n; ++i)
+    if (g_shadow[o + i]) return true;
+  return false;
+}
+void shadow_reset() {
+  if (g_shadow && g_shadow_dirty) memset(g_shadow, 0, g_desc->tls_size * sizeof(unsigned short));
+  g_shadow_dirty = false;
+}
+bool ensure_shadow() {
+  size_t need = g_desc->tls_block ? g_desc->tls_size : 0;
+  if (need > g_shadow_cap) {
+    free(g_shadow);
+    g_shadow = (unsigned short*)calloc(need, sizeof(unsigned short));
+    if (!g_shadow) { g_shadow_cap = 0; return false; }
+    g_shadow_cap = need;
+    g_shadow_dirty = false;
+  } else {
+    g_shadow_dirty = true;  // another module may have left marks: clear before the first block
+  }
+  return true;
+}
+
+// the thread whose pending cp.async covers shared byte p (for the error message)
+bool find_pending(const char* p, int n, int* who, PendingCopy** pc) {
+  for (int i = 0; i < g_n; ++i) {
+    Fiber& f = g_fibers[i];
+    for (int k = 0; k < f.cp_npend; ++k) {
+      PendingCopy& c = f.cp_pend[k];
+      if (c.dst < p + n && p < c.dst + c.size) { *who = i; *pc = &c; return true; }
+    }
+  }
+  return false;
+}
+
+void require_full_warp(Fiber* f, int op, int line) {
+  unsigned int exist = warp_lanes_mask(f->warp);
+  if (exist != 0xffffffffu)
+    fail_in_fiber(E_WARP, "%s at {L%d}: a warp-wide .aligned instruction needs all 32 lanes, but "
+                  "warp %d of this block has only %d threads (block size not a multiple of 32)",
+                  op_name(op), line, f->warp, __builtin_popcount(exist));
+  ++f->aligned_seq;
+}
+
+double half_bits_to_double(unsigned int h) {
+  unsigned int e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+  double v;
+  if (e == 0) v = ldexp((double)m, -24);
+  else if (e == 31) v = m ? NAN : INFINITY;
+  else v = ldexp((double)(m | 0x400u), (int)e - 25);
+  return (h & 0x8000u) ? -v : v;
+}
+double f32_bits_to_double(unsigned int u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return (double)f;
+}
+
+// fragment tables (kernels/warp.cuh is the specification); g = lane >> 2, t = lane % 4
+bool resolve_mma(int base, int op, int line) {
+  double A[16][16], B[16][8], C[16][8];
+  MmaFrame* fr[32];
+  for (int l = 0; l < 32; ++l) fr[l] = (MmaFrame*)(uintptr_t)g_fibers[base + l].val;
+  if (op == CUDASIM_W_MMA_F64) {
+    for (int l = 0; l < 32; ++l) {
+      int g = l >> 2, t = l & 3;
+      const double* a = (const double*)fr[l]->a;
+      const double* b = (const double*)fr[l]->b;
+      const double* c = (const double*)fr[l]->c;
+      A[g][t] = a[0];
+      B[t][g] = b[0];
+      C[g][2 * t] = c[0];
+      C[g][2 * t + 1] = c[1];
+    }
+    double D[8][8];
+    for (int m = 0; m < 8; ++m)
+      for (int n = 0; n < 8; ++n) {
+        double acc = C[m][n];
+        for (int k = 0; k < 4; ++k) acc = fma(A[m][k], B[k][n], acc);
+        D[m][n] = acc;
+      }
+    for (int l = 0; l < 32; ++l) {
+      int g = l >> 2, t = l & 3;
+      double* d = (double*)fr[l]->d;
+      d[0] = D[g][2 * t];
+      d[1] = D[g][2 * t + 1];
+    }
+    return true;
+  }
+  const bool tf32 = op == CUDASIM_W_MMA_TF32;
+  const int K = tf32 ? 8 : 16;
+  for (int l = 0; l < 32; ++l) {
+    int g = l >> 2, t = l & 3;
+    const unsigned int* a = (const unsigned int*)fr[l]->a;
+    const unsigned int* b = (const unsigned int*)fr[l]->b;
+    const float* c = (const float*)fr[l]->c;
+    if (tf32) {
+      // a0 (g, t)  a1 (g+8, t)  a2 (g, t+4)  a3 (g+8, t+4);  b0 (t, g)  b1 (t+4, g)
+      const int ar[4] = {g, g + 8, g, g + 8}, ac[4] = {t, t, t + 4, t + 4};
+      const int br[2] = {t, t + 4};
+      for (int i = 0; i < 6; ++i) {
+        unsigned int u = i < 4 ? a[i] : b[i - 4];
+        bool nan = (u & 0x7f800000u) == 0x7f800000u && (u & 0x7fffffu);
+        if ((u & 0x1fffu) && !nan) {
+          g_running = &g_fibers[base + l];
+          err_set(E_OPERAND, "%s at {L%d}: operand %s (row %d, col %d), held by lane %d in %s[%d], "
+                  "is 0x%08x (%.9g): not a TF32 value (its low 13 mantissa bits are not zero). "
+                  "Round it with gc_f32_to_tf32() (cvt.rna.tf32.f32): the tensor core would "
+                  "silently ignore those bits", op_name(op), line, i < 4 ? "A" : "B",
+                  i < 4 ? ar[i] : br[i - 4], i < 4 ? ac[i] : g, l, i < 4 ? "a" : "b",
+                  i < 4 ? i : i - 4, u, f32_bits_to_double(u));
+          g_running = nullptr;
+          return false;
+        }
+      }
+      for (int i = 0; i < 4; ++i) A[ar[i]][ac[i]] = f32_bits_to_double(a[i]);
+      B[t][g] = f32_bits_to_double(b[0]);
+      B[t + 4][g] = f32_bits_to_double(b[1]);
+    } else {
+      const bool bf = op == CUDASIM_W_MMA_BF16;
+      // register j holds elements 2j (low 16 bits) and 2j+1 (high 16 bits)
+      // A: a0,a1 (g, 2t+{0,1})  a2,a3 (g+8, 2t+{0,1})  a4,a5 (g, 2t+8+{0,1})  a6,a7 (g+8, 2t+8+{0,1})
+      // B: b0,b1 (2t+{0,1}, g)  b2,b3 (2t+8+{0,1}, g)
+      for (int j = 0; j < 4; ++j) {
+        int row = g + ((j & 1) ? 8 : 0), col = 2 * t + ((j & 2) ? 8 : 0);
+        for (int h = 0; h < 2; ++h) {
+          unsigned int e = (a[j] >> (16 * h)) & 0xffffu;
+          A[row][col + h] = bf ? f32_bits_to_double(e << 16) : half_bits_to_double(e);
+        }
+      }
+      for (int j = 0; j < 2; ++j)
+        for (int h = 0; h < 2; ++h) {
+          unsigned int e = (b[j] >> (16 * h)) & 0xffffu;
+          B[2 * t + 8 * j + h][g] = bf ? f32_bits_to_double(e << 16) : half_bits_to_double(e);
+        }
+    }
+    // C/D: c0,c1 (g, 2t+{0,1})  c2,c3 (g+8, 2t+{0,1})
+    for (int i = 0; i < 4; ++i) C[g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)] = (double)c[i];
+  }
+  float D[16][8];
+  for (int m = 0; m < 16; ++m)
+    for (int n = 0; n < 8; ++n) {
+      // products are exact in double (<= 22 significant bits); the sum is kept in float32
+      float acc = (float)C[m][n];
+      for (int k = 0; k < K; ++k) acc = (float)((double)acc + A[m][k] * B[k][n]);
+      D[m][n] = acc;
+    }
+  for (int l = 0; l < 32; ++l) {
+    int g = l >> 2, t = l & 3;
+    float* d = (float*)fr[l]->d;
+    for (int i = 0; i < 4; ++i) d[i] = D[g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)];
+  }
+  return true;
+}
+
+bool resolve_ldsm(int base, int op, int line) {
+  const int nmat = ldsm_nmat(op);
+  const bool trans = ldsm_trans(op);
+  unsigned short rows[4][8][8];
+  for (int i = 0; i < nmat; ++i)
+    for (int j = 0; j < 8; ++j) {
+      Fiber& o = g_fibers[base + 8 * i + j];
+      const char* p = ((LdsmFrame*)(uintptr_t)o.val)->row;
+      if (shadow_busy(p, 16)) {
+        int who = -1;
+        PendingCopy* pc = nullptr;
+        g_running = &o;
+        size_t off;
+        const char* why;
+        int w = smem_where(p, 16, &off, &why);
+        if (find_pending(p, 16, &who, &pc)) {
+          char t[48];
+          thread_str(who, t, sizeof t);
+          Fiber& iss = g_fibers[who];
+          err_set(E_ASYNC, "%s at {L%d}: row %d of matrix %d (lane %d's address, %s byte offset "
+                  "%zu) reads bytes that a cp.async has not delivered yet: thread %s issued it "
+                  "{L%d} in its commit group %d, %s", op_name(op), line, j, i, 8 * i + j,
+                  space_name(w), off, t, pc->line, pc->group,
+                  pc->group >= iss.cp_committed
+                      ? "which it has not committed yet (cp.async.commit_group missing?)"
+                      : "and no cp.async.wait_group of that thread covers that group yet "
+                        "(wait_group N completes all but the newest N committed groups; a "
+                        "missing wait, or a wait<1> where wait<0> is needed?)");
+        } else {
+          err_set(E_ASYNC, "%s at {L%d}: row %d of matrix %d reads bytes of a cp.async still "
+                  "in flight", op_name(op), line, j, i);
+        }
+        g_running = nullptr;
+        return false;
+      }
+      memcpy(rows[i][j], p, 16);
+    }
+  for (int l = 0; l < 32; ++l) {
+    unsigned int* r = ((LdsmFrame*)(uintptr_t)g_fibers[base + l].val)->r;
+    int q = l >> 2, c = 2 * (l & 3);
+    for (int i = 0; i < nmat; ++i) {
+      unsigned int lo = trans ? rows[i][c][q] : rows[i][q][c];
+      unsigned int hi = trans ? rows[i][c + 1][q] : rows[i][q][c + 1];
+      r[i] = lo | (hi << 16);
+    }
+  }
+  return true;
+}
+
+// all 32 lanes wait at the same .aligned instruction (same line): check the dynamic
+// instance, compute, release
+bool resolve_aligned(int i) {
+  Fiber& f = g_fibers[i];
+  const int base = f.warp * 32, op = f.op;
+  for (int l = 0; l < 32; ++l) {
+    Fiber& o = g_fibers[base + l];
+    if (o.aligned_seq != f.aligned_seq) {
+      int lo = o.aligned_seq < f.aligned_seq ? l : f.lane;
+      int hi = o.aligned_seq < f.aligned_seq ? f.lane : l;
+      g_running = &g_fibers[base + lo];
+      err_set(E_WARP, "%s at {L%d}: the lanes of warp %d arrive from different dynamic instances "
+              "(lane %d at its warp-wide instruction #%llu, lane %d at #%llu): a lane skipped an "
+              "earlier mma/ldmatrix (every lane must execute every .aligned instruction)",
+              op_name(op), f.line, f.warp, lo, g_fibers[base + lo].aligned_seq, hi,
+              g_fibers[base + hi].aligned_seq);
+      g_running = nullptr;
+      return false;
+    }
+  }
+  bool ok = is_mma(op) ? resolve_mma(base, op, f.line) : resolve_ldsm(base, op, f.line);
+  if (!ok) return false;
+  for (int l = 0; l < 32; ++l) mark_runnable(base + l);
+  return true;
+}
+
+}  // namespace
+
+extern "C" __attribute__((visibility("default"))) void cudasim_mma(int op, void* d, const void* a,
+                                                                  const void* b, const void* c,
+                                                                  int line) {
+  Fiber* f = g_running;
+  if (!f) { fprintf(stderr, "cudasim: mma outside a kernel launch\n"); abort(); }
+  require_full_warp(f, op, line);
+  MmaFrame fr = {d, a, b, c};
+  warp_arrive(f, op, 0xffffffffu, (unsigned long long)(uintptr_t)&fr, 0, 0, 32, line);
+}
+
+extern "C" __attribute__((visibility("default"))) void cudasim_ldmatrix(int op, unsigned int* r,
+                                                                       const void* row, int line) {
+  Fiber* f = g_running;
+  if (!f) { fprintf(stderr, "cudasim: ldmatrix outside a kernel launch\n"); abort(); }
+  require_full_warp(f, op, line);
+  const int nmat = ldsm_nmat(op);
+  if (f->lane < 8 * nmat) {  // lanes 8i..8i+7 give the row addresses of matrix i
+    int mi = f->lane / 8, ri = f->lane % 8;
+    size_t off;
+    const char* why;
+    int w = smem_where(row, 16, &off, &why);
+    if (!w)
+      fail_in_fiber(E_SMEM, "%s at {L%d}: lane %d gives the address of row %d of matrix %d, %p, "
+                    "which is not in shared memory (ldmatrix reads shared memory only)",
+                    op_name(op), line, f->lane, ri, mi, row);
+    if (why)
+      fail_in_fiber(E_SMEM, "%s at {L%d}: lane %d gives the address of row %d of matrix %d: its "
+                    "16 bytes at %s byte offset %zu are %s (%llu bytes)", op_name(op), line,
+                    f->lane, ri, mi, space_name(w), off, why,
+                    w == 1 ? g_desc->dyn_bytes : g_desc->tls_size);
+    if ((uintptr_t)row & 15u)
+      fail_in_fiber(E_SMEM, "%s at {L%d}: lane %d gives the address of row %d of matrix %d at %s "
+                    "byte offset %zu (address %% 16 = %d): ldmatrix rows must be 16-byte aligned",
+                    op_name(op), line, f->lane, ri, mi, space_name(w), off,
+                    (int)((uintptr_t)row & 15u));
+  }
+  LdsmFrame fr = {r, (const char*)row};
+  warp_arrive(f, op, 0xffffffffu, (unsigned long long)(uintptr_t)&fr, 0, 0, 32, line);
+}
+
+extern "C" __attribute__((visibility("default"))) void cudasim_cp_async(void* dst, const void* src,
+                                                                       int cp_size, int src_bytes,
+                                                                       int line) {
+  Fiber* f = g_running;
+  if (!f) { fprintf(stderr, "cudasim: cp.async outside a kernel launch\n"); abort(); }
+  const char* what = cp_size == 16 ? "cp.async.cg.shared.global (16 bytes)"
+                     : cp_size == 8 ? "cp.async.ca.shared.global (8 bytes)"
+                                    : "cp.async.ca.shared.global (4 bytes)";
+  if (src_bytes < 0 || src_bytes > cp_size)
+    fail_in_fiber(E_SMEM, "%s at {L%d}: src_bytes=%d outside 0..%d", what, line, src_bytes, cp_size);
+  size_t off;
+  const char* why;
+  int w = smem_where(dst, (size_t)cp_size, &off, &why);
+  if (!w)
+    fail_in_fiber(E_SMEM, "%s at {L%d}: the destination %p is not in shared memory", what, line, dst);
+  if (why)
+    fail_in_fiber(E_SMEM, "%s at {L%d}: the destination's %d bytes at %s byte offset %zu are %s "
+                  "(%llu bytes)", what, line, cp_size, space_name(w), off, why,
+                  w == 1 ? g_desc->dyn_bytes : g_desc->tls_size);
+  if ((uintptr_t)dst % (unsigned)cp_size)
+    fail_in_fiber(E_SMEM, "%s at {L%d}: the destination (%s byte offset %zu) is not %d-byte aligned",
+                  what, line, space_name(w), off, cp_size);
+  PendingCopy pc;
+  memset(&pc, 0, sizeof pc);
+  if (src_bytes > 0) {
+    size_t o2;
+    const char* w2;
+    if (smem_where(src, 1, &o2, &w2))
+      fail_in_fiber(E_SMEM, "%s at {L%d}: the source %p is in shared memory; cp.async copies "
+                    "global -> shared", what, line, src);
+    if ((uintptr_t)src % (unsigned)cp_size)
+      fail_in_fiber(E_SMEM, "%s at {L%d}: the global source address %p is not %d-byte aligned",
+                    what, line, src, cp_size);
+    memcpy(pc.data, src, (size_t)src_bytes);  // a bad source faults here, like any load
+  }
+  pc.dst = (char*)dst;
+  pc.size = cp_size;
+  pc.group = f->cp_committed;
+  pc.line = line;
+  if (f->cp_npend == f->cp_cap) {
+    int cap = f->cp_cap ? 2 * f->cp_cap : 16;
+    PendingCopy* n = (PendingCopy*)realloc(f->cp_pend, (size_t)cap * sizeof(PendingCopy));
+    if (!n) fail_in_fiber(E_CRASH, "cudasim: out of memory for cp.async bookkeeping");
+    f->cp_pend = n;
+    f->cp_cap = cap;
+  }
+  f->cp_pend[f->cp_npend++] = pc;
+  memset(dst, POISON, (size_t)cp_size);  // not visible before the wait: NaN bytes meanwhile
+  shadow_add((const char*)dst, cp_size, 1);
+}
+
+extern "C" __attribute__((visibility("default"))) void cudasim_cp_async_commit(int) {
+  Fiber* f = g_running;
+  if (!f) { fprintf(stderr, "cudasim: cp.async.commit_group outside a kernel launch\n"); abort(); }
+  ++f->cp_committed;
+}
+
+extern "C" __attribute__((visibility("default"))) void cudasim_cp_async_wait(int n, int line) {
+  Fiber* f = g_running;
+  if (!f) { fprintf(stderr, "cudasim: cp.async.wait_group outside a kernel launch\n"); abort(); }
+  if (n < 0)
+    fail_in_fiber(E_CRASH, "cp.async.wait_group %d at {L%d}: N must be >= 0", n, line);
+  const int done = f->cp_committed - n;  // groups [0, done) complete
+  int k = 0;
+  for (int i = 0; i < f->cp_npend; ++i) {
+    PendingCopy& c = f->cp_pend[i];
+    if (c.group < done) {
+      memcpy(c.dst, c.data, (size_t)c.size);
+      shadow_add(c.dst, c.size, -1);
+    } else {
+      f->cp_pend[k++] = c;
+    }
+  }
+  f->cp_npend = k;
+}
+
+extern "C" __attribute__((visibility("default"))) void cudasim_misaligned(const void* p, int align,
+                                                                         int write,
+                                                                         const char* type,
+                                                                         int line) {
+  if (!g_running) { fprintf(stderr, "cudasim: misaligned %s access outside a launch\n", type); abort(); }
+  g_err->addr = (unsigned long long)(uintptr_t)p;
+  g_err->access = write;
+  size_t off;
+  const char* why;
+  int w = smem_where(p, 1, &off, &why);
+  char where[160];
+  if (w) snprintf(where, sizeof where, " (%s byte offset %zu)", space_name(w), off);
+  else where[0] = 0;
+  char at[32];
+  if (line > 0) snprintf(at, sizeof at, " {L%d}", line);
+  else at[0] = 0;
+  fail_in_fiber(E_ALIGN, "misaligned %d-byte %s %s%s at address %p%s (address %% %d = %d): vector "
+                "types must be accessed at multiples of their size (the GPU faults with "
+                "'misaligned address')", align, type, write ? "store" : "load", at, p, where, align,
+                (int)((uintptr_t)p % (unsigned)align));
 }
 
 extern "C" __attribute__((visibility("default"))) unsigned int cudasim_activemask(void) {
@@ -423,6 +890,7 @@ bool try_resolve_warp(int i) {
     Fiber& o = g_fibers[base + l];
     if (o.state != AT_WARP || o.op != f.op || o.mask != mask || o.line != f.line) return false;
   }
+  if (is_mma(f.op) || is_ldsm(f.op)) return resolve_aligned(i);
   const int op = f.op;
   unsigned long long bal = 0;
   for (int l = 0; l < 32; ++l)
@@ -713,8 +1181,10 @@ void stop_timer() {
 bool ensure_fibers(int n, size_t stack_size) {
   if (n <= g_nfibers_alloc && stack_size == g_stack_size_alloc) return true;
   if (g_fibers) {
-    for (int i = 0; i < g_nfibers_alloc; ++i)
+    for (int i = 0; i < g_nfibers_alloc; ++i) {
       munmap(g_fibers[i].stack_lo - PAGE, g_stack_size_alloc + PAGE);
+      free(g_fibers[i].cp_pend);
+    }
     free(g_fibers);
     free(g_wrun);
     free(g_rq);
@@ -806,8 +1276,12 @@ bool run_block() {
   for (int i = 0; i < g_n; ++i) {
     reset_fiber(&g_fibers[i]);
     g_fibers[i].state = EXITED;  // mark_runnable counts it
+    g_fibers[i].aligned_seq = 0;
+    g_fibers[i].cp_committed = 0;
+    g_fibers[i].cp_npend = 0;  // copies never waited for are dropped with the block
     mark_runnable(i);
   }
+  shadow_reset();
   poison_block_memory();
   for (;;) {
     if (g_timed_out) {
@@ -914,6 +1388,10 @@ extern "C" __attribute__((visibility("default"))) int cudasim_launch(const cudas
     bb = rng_next() % nblocks;
   }
 
+  if (!ensure_shadow()) {
+    err_set(E_CONFIG, "cannot allocate the cp.async shadow of shared memory");
+    return err->code;
+  }
   install_signals();
   setup_dyn();
   g_timed_out = 0;
