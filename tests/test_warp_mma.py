@@ -151,7 +151,7 @@ extern "C" __global__ void ldsm_global_row(const unsigned short* tile, unsigned*
   gc_ldmatrix_x4(r, p);
   for (int i = 0; i < 4; ++i) out[4 * threadIdx.x + i] = r[i];
 }
-// bug: a row that leaves the tile (static __shared__ ends here, dynamic at n bytes)
+// ldmatrix from a static __shared__ array
 extern "C" __global__ void ldsm_static_tile(const unsigned short* tile, const int* rowoff,
                                             unsigned* out) {
   __shared__ __align__(16) unsigned short s[256];
@@ -511,6 +511,22 @@ def test_ldmatrix_x4_is_the_a_fragment(sim_mod):
     out2 = sim.empty((64, 2), np.uint32)
     _run(sim_mod, "ldsm_x2_trans", 1, 64, [tile, np.int32(256), rowoff, out2], smem=512)
     np.testing.assert_array_equal(out2[:32], pack16(gather(Bt, b_m16n8k16, 4)))
+
+
+@needs_sim
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_ldmatrix_from_static_shared(sim_mod, schedule):
+    tile = (np.arange(256) * 5 + 3).astype(np.uint16)
+    rowoff = (np.random.default_rng(5).permutation(32) * 8).astype(np.int32)
+    sim, _ = sim_mod
+    out = sim.empty((32, 4), np.uint32)
+    _run(sim_mod, "ldsm_static_tile", 1, 32, [tile, rowoff, out], schedule=schedule, seed=10)
+    lane = np.arange(32)
+    for i in range(4):
+        M = np.array([tile[o:o + 8] for o in rowoff[8 * i:8 * i + 8]])
+        want = M[lane // 4, 2 * (lane % 4)].astype(np.uint32) | (
+            M[lane // 4, 2 * (lane % 4) + 1].astype(np.uint32) << 16)
+        np.testing.assert_array_equal(out[:, i], want)
 
 
 # ---------------------------------------------------------------------------- cp.async

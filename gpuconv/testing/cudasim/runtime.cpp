@@ -436,6 +436,7 @@ size_t g_shadow_cap = 0;
 bool g_shadow_dirty = false;
 
 struct MmaFrame { void* d; const void* a; const void* b; const void* c; };
+bool resolve_mma_(int base, int op, int line);
 struct LdsmFrame { unsigned int* r; const char* row; };
 
 inline bool is_mma(int op) { return op >= CUDASIM_W_MMA_F16 && op <= CUDASIM_W_MMA_F64; }
@@ -541,13 +542,21 @@ double f32_bits_to_double(unsigned int u) {
 }
 
 // fragment tables (kernels/warp.cuh is the specification); g = lane >> 2, t = lane % 4
+// the scheduler reads and writes the lanes' fragment arrays (normally registers, i.e. the
+// fibers' stacks); g_running names the lane meanwhile, so a fault is that lane's error
 bool resolve_mma(int base, int op, int line) {
+  bool ok = resolve_mma_(base, op, line);
+  g_running = nullptr;
+  return ok;
+}
+bool resolve_mma_(int base, int op, int line) {
   double A[16][16], B[16][8], C[16][8];
   MmaFrame* fr[32];
   for (int l = 0; l < 32; ++l) fr[l] = (MmaFrame*)(uintptr_t)g_fibers[base + l].val;
   if (op == CUDASIM_W_MMA_F64) {
     for (int l = 0; l < 32; ++l) {
       int g = l >> 2, t = l & 3;
+      g_running = &g_fibers[base + l];
       const double* a = (const double*)fr[l]->a;
       const double* b = (const double*)fr[l]->b;
       const double* c = (const double*)fr[l]->c;
@@ -565,6 +574,7 @@ bool resolve_mma(int base, int op, int line) {
       }
     for (int l = 0; l < 32; ++l) {
       int g = l >> 2, t = l & 3;
+      g_running = &g_fibers[base + l];
       double* d = (double*)fr[l]->d;
       d[0] = D[g][2 * t];
       d[1] = D[g][2 * t + 1];
@@ -575,6 +585,7 @@ bool resolve_mma(int base, int op, int line) {
   const int K = tf32 ? 8 : 16;
   for (int l = 0; l < 32; ++l) {
     int g = l >> 2, t = l & 3;
+    g_running = &g_fibers[base + l];
     const unsigned int* a = (const unsigned int*)fr[l]->a;
     const unsigned int* b = (const unsigned int*)fr[l]->b;
     const float* c = (const float*)fr[l]->c;
@@ -631,6 +642,7 @@ bool resolve_mma(int base, int op, int line) {
     }
   for (int l = 0; l < 32; ++l) {
     int g = l >> 2, t = l & 3;
+    g_running = &g_fibers[base + l];
     float* d = (float*)fr[l]->d;
     for (int i = 0; i < 4; ++i) d[i] = D[g + (i >= 2 ? 8 : 0)][2 * t + (i & 1)];
   }
@@ -675,6 +687,7 @@ bool resolve_ldsm(int base, int op, int line) {
       memcpy(rows[i][j], p, 16);
     }
   for (int l = 0; l < 32; ++l) {
+    g_running = &g_fibers[base + l];  // a fault writing r[] is this lane's
     unsigned int* r = ((LdsmFrame*)(uintptr_t)g_fibers[base + l].val)->r;
     int q = l >> 2, c = 2 * (l & 3);
     for (int i = 0; i < nmat; ++i) {
@@ -683,6 +696,7 @@ bool resolve_ldsm(int base, int op, int line) {
       r[i] = lo | (hi << 16);
     }
   }
+  g_running = nullptr;
   return true;
 }
 
