@@ -74,6 +74,7 @@
 // a commit group (per thread); cp.async.wait_group N waits until at most the N most recently
 // committed groups of this thread are pending.  Other threads see the data after the wait
 // AND a barrier (__syncthreads).
+// With src_bytes = 0 nothing is read (the emulator does not check that source address).
 // The emulator reads the source at issue (a bad source faults like any load), fills the
 // destination with NaN bytes (0xFF) until the wait that covers its group, and reports an
 // ldmatrix that reads bytes still in flight (AsyncCopyError); plain loads of such bytes read NaN.
