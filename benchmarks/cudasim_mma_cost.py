@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gpuconv import _kernels as K  # noqa: E402
+from gpuconv._cuda import sources as K  # noqa: E402
 from gpuconv.testing.cudasim import SimRuntime  # noqa: E402
 
 SRC = "// ---- warp.cuh\n" + K.read_source(K.WARP) + r"""

@@ -14,7 +14,7 @@ from ._api import (
 from ._dispatch import (
     BackendUnavailableError, available_backends, backend_info, precompile, use_backend,
 )
-from ._numpy_backend import get_workspace_limit, set_workspace_limit
+from ._cpu import get_workspace_limit, set_workspace_limit
 
 __version__ = "0.1.0"
 

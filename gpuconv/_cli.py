@@ -151,10 +151,10 @@ def _cupy_cache_dir():
 
 
 def _cudasim_cache_dir():
-    mod = sys.modules.get("gpuconv.testing.cudasim")
+    mod = sys.modules.get("gpuconv._runtimes.cudasim")
     if mod is None:
         try:
-            from .testing import cudasim as mod
+            from ._runtimes import cudasim as mod
         except Exception:
             return None
     for name in ("cache_dir", "CACHE_DIR", "get_cache_dir", "kernel_cache_dir"):

@@ -132,7 +132,7 @@ def _probe_cupy():
 @functools.lru_cache(maxsize=None)
 def _probe_cudasim():
     try:
-        from .testing import cudasim
+        from ._runtimes import cudasim
     except Exception as e:
         return False, f"the CUDA emulator failed to import ({type(e).__name__}: {e})", {}
     try:
@@ -178,15 +178,15 @@ def _instance(name):
         if not ok:
             raise BackendUnavailableError(f"gpuconv backend {name!r} cannot run here: {reason}")
         if name == "numpy":
-            from ._numpy_backend import NumpyBackend
+            from ._cpu import NumpyBackend
             be = NumpyBackend()
         elif name == "cupy":
-            from ._cuda_backend import CudaBackend
-            from ._kernels import CupyRuntime
+            from ._cuda.backend import CudaBackend
+            from ._cuda.sources import CupyRuntime
             be = CudaBackend(CupyRuntime())
         else:
-            from ._cuda_backend import CudaBackend
-            from .testing.cudasim import SimRuntime
+            from ._cuda.backend import CudaBackend
+            from ._runtimes.cudasim import SimRuntime
             be = CudaBackend(SimRuntime())
         _instances[name] = be
     return be
@@ -218,7 +218,7 @@ def precompile(backend: str = "cupy") -> list:
     """
     if backend not in ("cupy", "cudasim"):
         raise ValueError(f"precompile: backend must be 'cupy' or 'cudasim', got {backend!r}")
-    from ._kernels import all_entry_names
+    from ._cuda.sources import all_entry_names
     _instance(backend).precompile()
     return all_entry_names()
 

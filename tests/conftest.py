@@ -84,7 +84,8 @@ class _PoisonedNumpy:
 @contextlib.contextmanager
 def poisoned_numpy_allocations():
     """Patch the ``np`` global of gpuconv's numpy-side modules for the duration."""
-    from gpuconv import _api, _numpy_backend
+    from gpuconv import _api
+    from gpuconv._cpu import dense as _numpy_backend
     mods = [_api, _numpy_backend]
     saved = [m.np for m in mods]
     acquire = _numpy_backend._acquire

@@ -14,7 +14,7 @@ import pytest
 
 cudasim = pytest.importorskip("gpuconv.testing.cudasim")
 from gpuconv import reference  # noqa: E402
-from gpuconv._cuda_backend import CudaBackend  # noqa: E402
+from gpuconv._cuda.backend import CudaBackend  # noqa: E402
 from gpuconv._geometry import conv_geometry  # noqa: E402
 from gpuconv.testing.cudasim import (SCHEDULES, CudaSimError, MemoryAccessError,  # noqa: E402
                                      SimRuntime, SyncError)

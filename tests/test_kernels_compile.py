@@ -13,8 +13,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from gpuconv import _kernels as K
-from gpuconv._cuda_backend import _geo_args, dgrad_phases, wgrad_plan
+from gpuconv._cuda import sources as K
+from gpuconv._cuda.backend import _geo_args, dgrad_phases, wgrad_plan
 from gpuconv._geometry import conv_geometry
 
 ARCHS = ("sm_80", "sm_90")
@@ -145,7 +145,7 @@ def test_int64_switch():
 
 
 def test_backend_picks_i64_for_huge_tensors_without_launching():
-    from gpuconv._cuda_backend import CudaBackend
+    from gpuconv._cuda.backend import CudaBackend
 
     class Rt:
         name, xp = "fake", np
@@ -206,7 +206,7 @@ def test_dgrad_phase_parameters_enumerate_exactly_the_contributing_taps(s, d):
 @pytest.mark.parametrize("blocks,red,align", [(1, 1, 16), (4, 10**6, 16), (2**20, 5, 16),
                                               (3, 2**40, 16), (1, 17, 16)])
 def test_split_reduction_slices_are_aligned_and_cover_everything(blocks, red, align):
-    from gpuconv._cuda_backend import split_reduction
+    from gpuconv._cuda.backend import split_reduction
     splits, chunk = split_reduction(blocks, red, 1024, 256, align)
     assert chunk % align == 0 and 1 <= splits <= 65535
     assert splits * chunk >= red and (splits - 1) * chunk < red

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv import _numpy_backend as nb
+from gpuconv._cpu import dense as nb
 from gpuconv import reference as ref
 from gpuconv._geometry import conv_geometry
 from gpuconv.testing import assert_close

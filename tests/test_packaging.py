@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import gpuconv
-from gpuconv import _kernels
+from gpuconv._cuda import sources as _kernels
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = {"common.cuh", "conv_fwd.cu", "conv_dgrad.cu", "conv_wgrad.cu"}
@@ -92,7 +92,7 @@ def test_installed_wheel_lists_kernel_sources(wheel, tmp_path):
     probe = textwrap.dedent("""
         import json, gpuconv
         from importlib.resources import files
-        from gpuconv import _kernels
+        from gpuconv._cuda import sources as _kernels
         try:
             listed = _kernels.list_sources()
         except FileNotFoundError as e:

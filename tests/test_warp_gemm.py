@@ -12,7 +12,7 @@ import io
 import numpy as np
 import pytest
 
-from gpuconv import _kernels as K
+from gpuconv._cuda import sources as K
 
 cudasim = pytest.importorskip("gpuconv.testing.cudasim")
 from gpuconv.testing.cudasim import (SCHEDULES, AsyncCopyError, MemoryAccessError,  # noqa: E402

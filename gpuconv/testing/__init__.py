@@ -7,7 +7,7 @@
 * :func:`to_numpy` and :func:`as_backend_array` -- move test data between host
   numpy arrays and the array type a backend runs on.
 
-The CUDA-on-CPU emulator lives in the subpackage :mod:`gpuconv.testing.cudasim`;
+The CUDA-on-CPU emulator is re-exported as :mod:`gpuconv.testing.cudasim`;
 it is not imported here.
 """
 from __future__ import annotations

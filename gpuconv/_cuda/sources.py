@@ -1,8 +1,8 @@
 """CUDA sources, module building, entry-point names and THE launch helper.
 
-The CUDA backend (``_cuda_backend.py``) is written once against a small
+The CUDA backend (``backend.py``) is written once against a small
 *device runtime* interface, implemented here for CuPy (real GPUs) and in
-``gpuconv.testing.cudasim`` for the CPU emulator:
+``gpuconv._runtimes.cudasim`` for the CPU emulator:
 
 ``name``               'cupy' or 'cudasim'
 ``xp``                 array module of results (cupy / numpy)
@@ -64,7 +64,7 @@ def kernel_dir():
             return d
     except (ImportError, ModuleNotFoundError, TypeError, AttributeError):
         pass
-    d = Path(__file__).resolve().parent.parent / "kernels"
+    d = Path(__file__).resolve().parents[2] / "kernels"
     if (d / COMMON).is_file():
         return d
     raise FileNotFoundError("gpuconv: CUDA kernel sources not found (neither the package data "

@@ -1,7 +1,7 @@
 """CUDA backend: the kernels in kernels/*.cu, written once against a device runtime.
 
 The same code drives a real GPU (``CupyRuntime``: CuPy RawModule/NVRTC) and the
-CPU emulator (``gpuconv.testing.cudasim.SimRuntime``).  It validates nothing
+CPU emulator (``gpuconv._runtimes.cudasim.SimRuntime``).  It validates nothing
 (the front end did), derives nothing that the geometry already holds, queues
 work on the runtime's current stream and never synchronises the host.
 """
@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from . import _kernels as K
+from . import sources as K
 
 
 def _geo_args(g):

@@ -1,0 +1,1 @@
+"""CUDA backend: kernel sources and module cache, launch helper, plans, passes."""
