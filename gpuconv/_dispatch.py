@@ -182,7 +182,7 @@ def _instance(name):
             be = NumpyBackend()
         elif name == "cupy":
             from ._cuda.backend import CudaBackend
-            from ._cuda.sources import CupyRuntime
+            from ._runtimes.cupy import CupyRuntime
             be = CudaBackend(CupyRuntime())
         else:
             from ._cuda.backend import CudaBackend

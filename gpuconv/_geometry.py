@@ -7,6 +7,7 @@ involved.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -15,14 +16,50 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
+    "DTYPES",
     "ConvGeometry",
+    "accumulate_dtype",
     "check_dtype",
     "conv_geometry",
+    "dgrad_as_forward",
+    "effective_kernel",
+    "flip_weight",
     "output_size",
     "resolve_padding",
+    "stride_phases",
+    "transpose_geometry",
 ]
 
-_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+@dataclass(frozen=True)
+class DtypeInfo:
+    """One supported dtype: its entry-point suffix, C++ storage type and accumulate type."""
+
+    name: str
+    suffix: str
+    ctype: str
+    accumulate: str
+
+
+# THE dtype table: every supported dtype, in the order entry points are emitted
+DTYPES = {d.name: d for d in (
+    DtypeInfo("float16", "f16", "gc_half", "float32"),
+    DtypeInfo("bfloat16", "bf16", "gc_bf16", "float32"),
+    DtypeInfo("float32", "f32", "float", "float32"),
+    DtypeInfo("float64", "f64", "double", "float64"),
+)}
+DTYPES_TEXT = "float16, bfloat16 (ml_dtypes), float32 and float64"
+
+
+def accumulate_dtype(dtype) -> np.dtype:
+    """The type sums are accumulated in: float64 for float64, float32 otherwise
+    (half types are accumulated in float32 and rounded once)."""
+    return np.dtype(DTYPES[np.dtype(dtype).name].accumulate)
+
+
+def effective_kernel(k: int, d: int) -> int:
+    """Extent of a kernel of `k` taps dilated by `d`: d*(k-1) + 1."""
+    return d * (k - 1) + 1
 
 
 @dataclass(frozen=True)
@@ -85,6 +122,19 @@ class ConvGeometry:
     def flops(self) -> int:
         """Multiply-adds counted as 2 FLOPs, for one pass."""
         return 2 * self.N * self.K * self.Cg * self.taps * math.prod(self.out_spatial)
+
+    @property
+    def effective_kernel(self) -> tuple:
+        """Per spatial dim, the extent of the dilated kernel: dilation*(k-1) + 1."""
+        return tuple(effective_kernel(k, d) for k, d in zip(self.kernel, self.dilation))
+
+    @property
+    def dtype_info(self) -> DtypeInfo:
+        return DTYPES[np.dtype(self.dtype).name]
+
+    @property
+    def accumulate_dtype(self) -> np.dtype:
+        return accumulate_dtype(self.dtype)
 
     def padded_spatial(self) -> tuple:
         return tuple(l + lo + hi for l, lo, hi in zip(self.in_spatial, self.pad_lo, self.pad_hi))
@@ -173,11 +223,12 @@ def resolve_padding(op: str, padding, in_spatial: Sequence[int], kernel: Sequenc
 
 def output_size(L: int, k: int, s: int, d: int, lo: int, hi: int) -> int:
     """floor((L + lo + hi - d*(k-1) - 1) / s) + 1 (may be < 1: caller checks)."""
-    return (L + lo + hi - d * (k - 1) - 1) // s + 1
+    return (L + lo + hi - effective_kernel(k, d)) // s + 1
 
 
-def dtype_name(dtype) -> str:
-    return np.dtype(dtype).name
+def transposed_output_size(L: int, k: int, s: int, d: int, lo: int, hi: int, opad: int) -> int:
+    """(L - 1)*s - lo - hi + d*(k-1) + 1 + output_padding (may be < 1: caller checks)."""
+    return (L - 1) * s - lo - hi + effective_kernel(k, d) + opad
 
 
 def check_dtype(op: str, arrays: dict) -> np.dtype:
@@ -187,10 +238,8 @@ def check_dtype(op: str, arrays: dict) -> np.dtype:
         if a is None:
             continue
         dt = np.dtype(a.dtype)
-        if dt.name not in _FLOAT_NAMES:
-            raise TypeError(
-                f"{op}: {name} has dtype {dt.name}; supported dtypes are float16, bfloat16 "
-                f"(ml_dtypes), float32 and float64")
+        if dt.name not in DTYPES:
+            raise TypeError(f"{op}: {name} has dtype {dt.name}; supported dtypes are {DTYPES_TEXT}")
         dtypes[name] = dt
     if len(set(dtypes.values())) > 1:
         desc = ", ".join(f"{n}={d.name}" for n, d in dtypes.items())
@@ -256,7 +305,7 @@ def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1,
     out = tuple(output_size(*a) for a in zip(in_spatial, kernel, s, d, lo, hi))
     if min(out) < 1:
         i = int(np.argmin(out))
-        eff = d[i] * (kernel[i] - 1) + 1
+        eff = effective_kernel(kernel[i], d[i])
         raise ValueError(
             f"{op}: effective kernel size {eff} (kernel {kernel[i]}, dilation {d[i]}) exceeds the "
             f"padded input size {in_spatial[i] + lo[i] + hi[i]} (input {in_spatial[i]}, padding "
@@ -282,3 +331,99 @@ def transpose_output_padding(op: str, output_padding, nd: int, stride, dilation)
                 f"{op}: output_padding={output_padding!r} must be smaller than stride={stride!r} "
                 f"or dilation={dilation!r} in every dimension")
     return op_t
+
+
+# ----------------------------------------------------------------------------- transposed
+def transpose_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, output_padding=0,
+                       dilation=1, groups=1, dtype=np.float32, rank=None,
+                       names=("x.shape", "weight.shape")):
+    """Validate a transposed convolution and return ``(g, L)``.
+
+    ``g`` is the matching forward convolution ``(N, C_out, *out) -> (N, C_in, *L')``
+    with weight ``(C_in, C_out/groups, *kernel)``: the transposed convolution of x
+    ``(N, C_in, *L)`` is that convolution's input gradient.  ``L' == L`` unless
+    output_padding >= stride (allowed when < dilation): then the forward output has
+    extra trailing positions that x does not feed (zero there; cropped from gradients).
+    """
+    xn, wn = names
+    x_shape = _shape_of(op, xn, x_shape)
+    w_shape = _shape_of(op, wn, w_shape)
+    ranks = (3, 4, 5) if rank is None else (rank + 2,)
+    if len(w_shape) not in ranks:
+        raise ValueError(f"{op}: weight must have {' or '.join(map(str, ranks))} dims "
+                         f"((C_in, C_out/groups, *kernel)), got {wn}={_fmt_shape(w_shape)}")
+    nd = len(w_shape) - 2
+    if len(x_shape) != nd + 2:
+        raise ValueError(f"{op}: x must have {nd + 2} dims ((N, C_in, *spatial) with {nd} spatial "
+                         f"dims), got {xn}={_fmt_shape(x_shape)}")
+    N, Cin = x_shape[:2]
+    L = tuple(x_shape[2:])
+    if min(L) < 1 or Cin < 1:
+        raise ValueError(f"{op}: {xn}={_fmt_shape(x_shape)} has an empty channel or "
+                         f"spatial dimension")
+    gr = _as_int(op, "groups", groups)
+    if gr < 1 or Cin % gr:
+        raise ValueError(f"{op}: groups={groups!r} must be >= 1 and divide the input channels "
+                         f"C_in={Cin} ({xn}={_fmt_shape(x_shape)})")
+    if w_shape[0] != Cin:
+        raise ValueError(f"{op}: channel mismatch: x has C_in={Cin} channels but weight.shape[0]="
+                         f"{w_shape[0]} (weight is (C_in, C_out/groups, *kernel), "
+                         f"{wn}={_fmt_shape(w_shape)})")
+    kernel = w_shape[2:]
+    s = _int_tuple(op, "stride", stride, nd, 1)
+    d = _int_tuple(op, "dilation", dilation, nd, 1)
+    lo, hi = resolve_padding(op, padding, L, kernel, s, d, allow_strings=False)
+    opad = transpose_output_padding(op, output_padding, nd, s, d)
+    out = tuple(transposed_output_size(*a) for a in zip(L, kernel, s, d, lo, hi, opad))
+    if min(out) < 1:
+        raise ValueError(f"{op}: output size {out} is not positive for {xn}="
+                         f"{_fmt_shape(x_shape)}, {wn}={_fmt_shape(w_shape)}, "
+                         f"stride={stride!r}, padding={padding!r}, dilation={dilation!r}")
+    g = conv_geometry(op, (N, w_shape[1] * gr) + out, w_shape, stride=s,
+                      padding=tuple(zip(lo, hi)), dilation=d, groups=gr, dtype=dtype)
+    return g, L
+
+
+def leading_box(spatial) -> tuple:
+    """Index of the leading ``spatial`` box of an (N, C, *S) array: [:, :, :L0, :L1, ...]."""
+    return (slice(None), slice(None)) + tuple(slice(0, l) for l in spatial)
+
+
+# ----------------------------------------------------------------------------- input gradient
+def dgrad_as_forward(g: ConvGeometry):
+    """Geometry of the stride-1 input gradient written as a forward convolution of
+    grad_out with the flipped, channel-swapped weight (:func:`flip_weight`), or None
+    when that needs a negative padding (padding wider than the kernel's reach) or
+    stride > 1."""
+    if any(s != 1 for s in g.stride):
+        return None
+    reach = tuple(e - 1 for e in g.effective_kernel)
+    lo = tuple(r - p for r, p in zip(reach, g.pad_lo))
+    hi = tuple(r - p for r, p in zip(reach, g.pad_hi))
+    if min(lo + hi) < 0:
+        return None
+    return dataclasses.replace(g, C=g.K, K=g.C, in_spatial=g.out_spatial,
+                               out_spatial=g.in_spatial, pad_lo=lo, pad_hi=hi)
+
+
+def flip_weight(w, g: ConvGeometry):
+    """w (K, C/G, *k) -> w' (C, K/G, *k) with w'[c, k', t] = w[k, c', T-1-t] per group
+    (a view where the array type allows; numpy and cupy alike)."""
+    G, Kg, Cg = g.groups, g.Kg, g.Cg
+    wv = w.reshape((G, Kg, Cg) + g.kernel).swapaxes(1, 2)
+    wv = wv[(Ellipsis,) + (slice(None, None, -1),) * g.nd]
+    return wv.reshape((g.C, Kg) + g.kernel)
+
+
+def stride_phases(g: ConvGeometry) -> tuple:
+    """The stride-phase decomposition of the input gradient, per spatial dim padded
+    to 3 (leading dims stride 1): (step, inv, gcd) such that the taps r with
+    r*dilation = i + pad (mod stride) are r = r0 + j*step,
+    r0 = ((q mod stride)/gcd * inv) mod step."""
+    out = []
+    for s, d in zip((1,) * (3 - g.nd) + g.stride, (1,) * (3 - g.nd) + g.dilation):
+        gcd = math.gcd(s, d)
+        step = s // gcd
+        inv = pow(d // gcd, -1, step) if step > 1 else 0
+        out += [step, inv, gcd]
+    return tuple(out)

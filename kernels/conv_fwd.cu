@@ -73,7 +73,6 @@ GC_FOR_EACH_DTYPE(GC_FWD_ENTRY)
 // through shared memory.  Grid: x = n tiles, y = group * m tiles.  The tap offsets
 // live in a shared table and each thread steps its rows' (c, tap) digits by 16, so
 // the gather does no integer division in the main loop.
-#define GC_MAX_TAPS 512
 
 // Global loads of one K-step of the tiled forward into registers: 4 weights (A) and 4
 // gathered inputs (B, zero in the padding); steps this thread's B-row digits.

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv._cuda import sources as K
+from gpuconv._runtimes import limits as K
 from gpuconv import reference as ref
-from gpuconv._cuda.backend import CudaBackend, dgrad_as_forward, use_tiled
+from gpuconv._cuda.backend import CudaBackend
+from gpuconv._cuda.plans import use_tiled
+from gpuconv._geometry import dgrad_as_forward
 from gpuconv._geometry import conv_geometry
 from gpuconv.testing import assert_close
 
@@ -131,7 +133,7 @@ def test_weight_grad_is_bit_identical_across_schedules(sim_backend, monkeypatch)
 
 def test_weight_grad_with_many_splits(sim_backend, monkeypatch):
     """Enough positions that the split reduction really splits (several partial rows)."""
-    from gpuconv._cuda.backend import split_reduction, wgrad_plan
+    from gpuconv._cuda.plans import split_reduction, wgrad_plan
     be = sim_backend
     g = conv_geometry("t", (4, 2, 40, 40), (8, 2, 3, 3), padding=1, dtype=np.float64)
     red = g.N * 40 * 40

@@ -13,8 +13,9 @@ import subprocess
 import numpy as np
 import pytest
 
+from gpuconv._cuda import launch as LH
 from gpuconv._cuda import sources as K
-from gpuconv._cuda.backend import _geo_args, dgrad_phases, wgrad_plan
+from gpuconv._cuda.plans import dgrad_phases, geo_args as _geo_args, wgrad_plan
 from gpuconv._geometry import conv_geometry
 
 ARCHS = ("sm_80", "sm_90")
@@ -95,37 +96,49 @@ def test_sources_are_self_contained_and_use_no_std_headers():
     for p in K.PASSES:
         src = K.full_source(p)
         assert "#include" not in src, "kernels must not #include (CuPy's cache key is the text)"
-        assert src.startswith("// ---- common.cuh")
+        assert src.startswith(K.config_header() + "// ---- common.cuh")
+
+
+def test_generated_config_matches_python_constants():
+    """The tile #defines and the dtype X-macro come from Python's tables only."""
+    from gpuconv._geometry import DTYPES
+    hdr = K.config_header()
+    assert f"#define GC_TILE_M {K.TILE_M}\n" in hdr and f"#define GC_TILE_K {K.TILE_K}\n" in hdr
+    for d in DTYPES.values():
+        assert f"MACRO({d.suffix}, {d.ctype})" in hdr
+    for name in K.list_sources():  # no kernel file defines them again
+        text = K.read_source(name)
+        assert not re.search(r"#define (GC_TILE_[MNK]|GC_FOR_EACH_DTYPE)\b", text), name
 
 
 # ----------------------------------------------------------------------------- launch arithmetic
 def test_grid_1d_caps_grid_and_stays_within_limits():
     for work in (0, 1, 255, 256, 257, 10**6, 2**31 - 1, 2**31, 2**40, 2**62):
-        cfg = K.grid_1d(work)
-        K.check_config(cfg)
+        cfg = LH.grid_1d(work)
+        LH.check_config(cfg)
         assert cfg.block == (256, 1, 1)
-        assert 1 <= cfg.grid[0] <= K.MAX_BLOCKS_1D
-        if work <= K.MAX_BLOCKS_1D * 256:
+        assert 1 <= cfg.grid[0] <= LH.MAX_BLOCKS_1D
+        if work <= LH.MAX_BLOCKS_1D * 256:
             assert cfg.grid[0] * 256 >= work  # one pass covers everything
             assert (cfg.grid[0] - 1) * 256 < max(work, 1)
 
 
 @pytest.mark.parametrize("cfg,msg", [
-    (K.LaunchConfig((0, 1, 1), (256, 1, 1)), "grid[0]"),
-    (K.LaunchConfig((2**31, 1, 1), (256, 1, 1)), "grid[0]"),
-    (K.LaunchConfig((1, 65536, 1), (256, 1, 1)), "grid[1]"),
-    (K.LaunchConfig((1, 1, 1), (2048, 1, 1)), "block[0]"),
-    (K.LaunchConfig((1, 1, 1), (64, 32, 1)), "2048 threads"),
-    (K.LaunchConfig((1, 1, 1), (1, 1, 65)), "block[2]"),
+    (LH.LaunchConfig((0, 1, 1), (256, 1, 1)), "grid[0]"),
+    (LH.LaunchConfig((2**31, 1, 1), (256, 1, 1)), "grid[0]"),
+    (LH.LaunchConfig((1, 65536, 1), (256, 1, 1)), "grid[1]"),
+    (LH.LaunchConfig((1, 1, 1), (2048, 1, 1)), "block[0]"),
+    (LH.LaunchConfig((1, 1, 1), (64, 32, 1)), "2048 threads"),
+    (LH.LaunchConfig((1, 1, 1), (1, 1, 65)), "block[2]"),
 ])
 def test_check_config_rejects_out_of_range_launches(cfg, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
-        K.check_config(cfg)
+        LH.check_config(cfg)
 
 
 def test_check_config_rejects_too_much_shared_memory():
     with pytest.raises(ValueError, match="shared_mem"):
-        K.check_config(K.LaunchConfig((1, 1, 1), (32, 1, 1)), shared_mem=1 << 20)
+        LH.check_config(LH.LaunchConfig((1, 1, 1), (32, 1, 1)), shared_mem=1 << 20)
 
 
 def test_launch_refuses_untyped_python_scalars():
@@ -133,15 +146,15 @@ def test_launch_refuses_untyped_python_scalars():
         def launch(self, *a):
             raise AssertionError("must not launch")
     with pytest.raises(TypeError, match="untyped Python scalar"):
-        K.launch(Never(), None, K.grid_1d(10), (np.int32(1), 5))
+        LH.launch(Never(), None, LH.grid_1d(10), (np.int32(1), 5))
 
 
 def test_int64_switch():
-    assert not K.needs_int64(10, 2**20, K.INT32_SAFE)
-    assert K.needs_int64(10, K.INT32_SAFE + 1)
-    assert K.needs_int64(2**31)
+    assert not LH.needs_int64(10, 2**20, LH.INT32_SAFE)
+    assert LH.needs_int64(10, LH.INT32_SAFE + 1)
+    assert LH.needs_int64(2**31)
     # the margin covers a grid-stride step past the end: idx + stride stays below 2^31
-    assert K.INT32_SAFE + K.MAX_BLOCKS_1D * K.MAX_THREADS_PER_BLOCK <= 2**31 - 1
+    assert LH.INT32_SAFE + LH.MAX_BLOCKS_1D * LH.MAX_THREADS_PER_BLOCK <= 2**31 - 1
 
 
 def test_backend_picks_i64_for_huge_tensors_without_launching():
@@ -169,9 +182,9 @@ def test_backend_picks_i64_for_huge_tensors_without_launching():
                                         (10**9, 10**9), (1, 2**40), (2**33, 8)])
 def test_wgrad_plan_covers_reduction_within_grid_limits(welems, red):
     gx, splits, chunk = wgrad_plan(welems, red)
-    K.check_config(K.LaunchConfig((gx, splits, 1), (256, 1, 1)))
+    LH.check_config(LH.LaunchConfig((gx, splits, 1), (256, 1, 1)))
     assert splits * chunk >= red and (splits - 1) * chunk < red  # no empty split
-    assert gx <= min(welems, K.MAX_BLOCKS_1D)
+    assert gx <= min(welems, LH.MAX_BLOCKS_1D)
 
 
 def test_geo_args_pad_lower_ranks_to_three_dims():
@@ -206,7 +219,7 @@ def test_dgrad_phase_parameters_enumerate_exactly_the_contributing_taps(s, d):
 @pytest.mark.parametrize("blocks,red,align", [(1, 1, 16), (4, 10**6, 16), (2**20, 5, 16),
                                               (3, 2**40, 16), (1, 17, 16)])
 def test_split_reduction_slices_are_aligned_and_cover_everything(blocks, red, align):
-    from gpuconv._cuda.backend import split_reduction
+    from gpuconv._cuda.plans import split_reduction
     splits, chunk = split_reduction(blocks, red, 1024, 256, align)
     assert chunk % align == 0 and 1 <= splits <= 65535
     assert splits * chunk >= red and (splits - 1) * chunk < red

@@ -25,12 +25,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..limits import SHARED_MEM_PER_BLOCK_OPTIN
+
 PKG_DIR = Path(__file__).resolve().parent
 HEADER = PKG_DIR / "cudasim.h"
 RUNTIME = PKG_DIR / "runtime.cpp"
 PAGE = 4096
-# usable dynamic shared memory (the largest opt-in size of current GPUs, 227 KiB, rounded up)
-DYN_SMEM_USABLE = 228 * 1024
+# the dynamic shared-memory buffer: the most a launch may use (limits.SHARED_MEM_PER_BLOCK_OPTIN,
+# checked at launch) rounded up to whole pages, so the guard page follows it
+DYN_SMEM_USABLE = -(-SHARED_MEM_PER_BLOCK_OPTIN // PAGE) * PAGE
 DYN_SMEM_CAPACITY = DYN_SMEM_USABLE + 2 * PAGE
 BUILD_VERSION = "4"  # bump to invalidate cached libraries
 

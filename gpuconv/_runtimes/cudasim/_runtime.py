@@ -10,14 +10,14 @@ import threading
 
 import numpy as np
 
+from .. import DeviceRuntime
+from ..limits import MAX_BLOCK, MAX_GRID, MAX_THREADS_PER_BLOCK, SHARED_MEM_PER_BLOCK_OPTIN
 from . import _build, _memory
 
 SCHEDULES = ("forward", "reverse", "random", "warp")
 _SCHED_CODE = {"forward": 0, "reverse": 1, "random": 2, "warp": 3}
 ENV_SCHEDULE = "GPUCONV_CUDASIM_SCHEDULE"
 ENV_TIME_LIMIT = "GPUCONV_CUDASIM_TIME_LIMIT"
-MAX_GRID = (2**31 - 1, 65535, 65535)
-MAX_BLOCK = (1024, 1024, 64)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -241,7 +241,7 @@ def _check_schedule(name):
 
 
 # ---------------------------------------------------------------------------- runtime
-class SimRuntime:
+class SimRuntime(DeviceRuntime):
     """gpuconv device runtime on the CPU emulator.
 
     schedule: 'forward' | 'reverse' | 'random' | 'warp' | 'cycle' (each launch uses the
@@ -281,6 +281,9 @@ class SimRuntime:
     def device_key(self):
         return 0
 
+    def device_scope(self, a):
+        return contextlib.nullcontext()  # one emulated device
+
     # ------------------------------------------------------------------ building
     def build(self, source: str, entry_names=None, options=()):
         path, meta = _build.build_module(source, entry_names, options)
@@ -317,13 +320,13 @@ class SimRuntime:
         grid = _dims(grid, "grid", MAX_GRID)
         block = _dims(block, "block", MAX_BLOCK)
         nthreads = block[0] * block[1] * block[2]
-        if nthreads > 1024:
+        if nthreads > MAX_THREADS_PER_BLOCK:
             raise LaunchConfigError(f"cudasim: {fn.name}: block {block} has {nthreads} threads, "
-                                    f"more than 1024")
+                                    f"more than {MAX_THREADS_PER_BLOCK}")
         shared_mem = int(shared_mem)
-        if not 0 <= shared_mem <= _build.DYN_SMEM_USABLE:
+        if not 0 <= shared_mem <= SHARED_MEM_PER_BLOCK_OPTIN:
             raise LaunchConfigError(f"cudasim: {fn.name}: shared_mem={shared_mem} bytes outside "
-                                    f"0..{_build.DYN_SMEM_USABLE}")
+                                    f"0..{SHARED_MEM_PER_BLOCK_OPTIN}")
         k = next(self._launches)
         self.launch_count = k + 1
         sched = schedule or self._schedule

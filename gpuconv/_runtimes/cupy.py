@@ -1,0 +1,39 @@
+"""The device runtime on a real GPU, through CuPy (RawModule, NVRTC, CuPy's disk cache)."""
+from __future__ import annotations
+
+from . import DeviceRuntime
+
+
+class CupyRuntime(DeviceRuntime):
+    """Device runtime on a real GPU through CuPy (RawModule, NVRTC, disk cache)."""
+
+    name = "cupy"
+
+    def __init__(self):
+        import cupy
+        self.xp = cupy
+        self._cp = cupy
+
+    def device_key(self):
+        return self._cp.cuda.Device().id
+
+    def build(self, source, names, options):
+        mod = self._cp.RawModule(code=source, options=tuple(options))
+        mod.compile()
+        return mod
+
+    def get_function(self, module, name):
+        return module.get_function(name)
+
+    def launch(self, fn, grid, block, args, shared_mem):
+        fn(grid, block, args, shared_mem=shared_mem)
+
+    def empty(self, shape, dtype):
+        return self._cp.empty(shape, dtype=dtype)
+
+    def ascontiguous(self, a):
+        return self._cp.ascontiguousarray(a)
+
+    def device_scope(self, a):  # noqa: D102
+        """Run on the device that holds `a` (arrays on GPU 1 run on GPU 1)."""
+        return a.device
