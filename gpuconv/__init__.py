@@ -7,6 +7,7 @@ machine.
 from ._api import (
     conv, conv_input_grad, conv_weight_grad, conv_bias_grad, conv_transpose, conv_output_shape,
     conv_transpose1d, conv_transpose2d, conv_transpose3d, conv_transpose_output_shape,
+    conv_transpose_input_grad, conv_transpose_weight_grad,
     conv1d, conv2d, conv3d,
     conv1d_input_grad, conv2d_input_grad, conv3d_input_grad,
     conv1d_weight_grad, conv2d_weight_grad, conv3d_weight_grad,
@@ -22,6 +23,7 @@ __all__ = [
     "conv", "conv_input_grad", "conv_weight_grad", "conv_bias_grad", "conv_transpose",
     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
     "conv_output_shape", "conv_transpose_output_shape",
+    "conv_transpose_input_grad", "conv_transpose_weight_grad",
     "conv1d", "conv2d", "conv3d",
     "conv1d_input_grad", "conv2d_input_grad", "conv3d_input_grad",
     "conv1d_weight_grad", "conv2d_weight_grad", "conv3d_weight_grad",

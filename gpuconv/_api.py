@@ -17,22 +17,11 @@ from ._dispatch import array_namespace, get_backend
 __all__ = [
     "conv", "conv_input_grad", "conv_weight_grad", "conv_bias_grad", "conv_transpose",
     "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "conv_output_shape",
-    "conv_transpose_output_shape",
+    "conv_transpose_output_shape", "conv_transpose_input_grad", "conv_transpose_weight_grad",
     "conv1d", "conv2d", "conv3d",
     "conv1d_input_grad", "conv2d_input_grad", "conv3d_input_grad",
     "conv1d_weight_grad", "conv2d_weight_grad", "conv3d_weight_grad",
 ]
-
-
-def _xp(namespace):
-    if namespace == "cupy":
-        import cupy
-        return cupy
-    return np
-
-
-def _acc_dtype(dtype):
-    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
 
 def _ndim_check(op, name, a, allowed, form):
@@ -62,13 +51,13 @@ def _channel_sum(x, acc):
 def _shared_geometry(g):
     """The C = 1 problem of a shared-kernel weight, computed in the accumulate type, so
     half types are summed over channels in float32 and rounded once at the end."""
-    return dataclasses.replace(g, C=1, dtype=np.dtype(_acc_dtype(g.dtype)))
+    return dataclasses.replace(g, C=1, dtype=g.accumulate_dtype)
 
 
-def _forward(op, x, w, bias, g, ns, backend, shared=False):
-    be = get_backend(op, ns, backend)
+def _forward(op, x, w, bias, g, xp, backend, shared=False):
+    be = get_backend(op, xp, backend)
     if g.N == 0:
-        return _xp(ns).empty(g.y_shape, dtype=g.dtype)
+        return xp.empty(g.y_shape, dtype=g.dtype)
     if shared:
         g1 = _shared_geometry(g)
         b1 = None if bias is None else bias.astype(g1.dtype, copy=False)
@@ -77,9 +66,8 @@ def _forward(op, x, w, bias, g, ns, backend, shared=False):
     return be.forward(x, w, bias, g)
 
 
-def _input_grad(op, gy, w, g, ns, backend, shared=False):
-    be = get_backend(op, ns, backend)
-    xp = _xp(ns)
+def _input_grad(op, gy, w, g, xp, backend, shared=False):
+    be = get_backend(op, xp, backend)
     if g.N == 0:
         return xp.empty(g.x_shape, dtype=g.dtype)
     if shared:  # every input channel gets the same gradient
@@ -88,10 +76,10 @@ def _input_grad(op, gy, w, g, ns, backend, shared=False):
     return be.input_grad(gy, w, g)
 
 
-def _weight_grad(op, x, gy, g, ns, backend, shared=False):
-    be = get_backend(op, ns, backend)
+def _weight_grad(op, x, gy, g, xp, backend, shared=False):
+    be = get_backend(op, xp, backend)
     if g.N == 0:
-        return _xp(ns).zeros((g.K,) + g.kernel if shared else g.w_shape, dtype=g.dtype)
+        return xp.zeros((g.K,) + g.kernel if shared else g.w_shape, dtype=g.dtype)
     if shared:
         g1 = _shared_geometry(g)
         gw = be.weight_grad(_channel_sum(x, g1.dtype), gy.astype(g1.dtype, copy=False), g1)
@@ -132,11 +120,11 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, bac
     (1, 3, 5, 5)
     """
     op = "conv"
-    ns = array_namespace(op, x=x, weight=weight, bias=bias)
+    xp = array_namespace(op, x=x, weight=weight, bias=bias)
     dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
     g = _geometry(op, x.shape, weight.shape, stride, padding, dilation, groups, dtype)
     _check_bias(op, bias, g.K)
-    return _forward(op, x, weight, bias, g, ns, backend)
+    return _forward(op, x, weight, bias, g, xp, backend)
 
 
 def _grad_out_check(op, grad_out, g):
@@ -154,13 +142,13 @@ def conv_input_grad(grad_out, weight, input_shape, *, stride=1, padding=0, dilat
     Returns an array of ``input_shape``.
     """
     op = "conv_input_grad"
-    ns = array_namespace(op, grad_out=grad_out, weight=weight)
+    xp = array_namespace(op, grad_out=grad_out, weight=weight)
     dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
     input_shape = geo._shape_of(op, "input_shape", input_shape)
     g = _geometry(op, input_shape, weight.shape, stride, padding, dilation, groups, dtype,
                   names=("input_shape", "weight.shape"))
     _grad_out_check(op, grad_out, g)
-    return _input_grad(op, grad_out, weight, g, ns, backend)
+    return _input_grad(op, grad_out, weight, g, xp, backend)
 
 
 def conv_weight_grad(x, grad_out, weight_shape, *, stride=1, padding=0, dilation=1, groups=1,
@@ -171,13 +159,13 @@ def conv_weight_grad(x, grad_out, weight_shape, *, stride=1, padding=0, dilation
     positions runs in a fixed order.
     """
     op = "conv_weight_grad"
-    ns = array_namespace(op, x=x, grad_out=grad_out)
+    xp = array_namespace(op, x=x, grad_out=grad_out)
     dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
     weight_shape = geo._shape_of(op, "weight_shape", weight_shape)
     g = _geometry(op, x.shape, weight_shape, stride, padding, dilation, groups, dtype,
                   names=("x.shape", "weight_shape"))
     _grad_out_check(op, grad_out, g)
-    return _weight_grad(op, x, grad_out, g, ns, backend)
+    return _weight_grad(op, x, grad_out, g, xp, backend)
 
 
 def conv_bias_grad(grad_out):
@@ -186,14 +174,14 @@ def conv_bias_grad(grad_out):
     Half types are summed in float32 and rounded once.
     """
     op = "conv_bias_grad"
-    ns = array_namespace(op, grad_out=grad_out)
+    xp = array_namespace(op, grad_out=grad_out)
     dtype = geo.check_dtype(op, {"grad_out": grad_out})
     if grad_out.ndim < 3:
         raise ValueError(f"{op}: grad_out must be (N, K, *spatial) with at least one spatial dim, "
                          f"got grad_out.shape={geo._fmt_shape(grad_out.shape)}")
     axes = (0,) + tuple(range(2, grad_out.ndim))
-    out = grad_out.sum(axis=axes, dtype=_acc_dtype(dtype))  # no full-size cast copy
-    return _xp(ns).ascontiguousarray(out.astype(dtype, copy=False))
+    out = grad_out.sum(axis=axes, dtype=geo.accumulate_dtype(dtype))  # no full-size cast copy
+    return xp.ascontiguousarray(out.astype(dtype, copy=False))
 
 
 def conv_output_shape(input_shape, weight_shape, *, stride=1, padding=0, dilation=1, groups=1):
@@ -221,74 +209,85 @@ def conv_transpose(x, weight, bias=None, *, stride=1, padding=0, output_padding=
 
 def _conv_transpose(op, rank, x, weight, bias, stride, padding, output_padding, dilation, groups,
                     backend):
-    ns = array_namespace(op, x=x, weight=weight, bias=bias)
+    xp = array_namespace(op, x=x, weight=weight, bias=bias)
     dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
-    g, L = _transpose_geometry(op, rank, x.shape, weight.shape, stride, padding, output_padding,
-                               dilation, groups, dtype)
+    g, L = geo.transpose_geometry(op, x.shape, weight.shape, stride=stride, padding=padding,
+                                  output_padding=output_padding, dilation=dilation,
+                                  groups=groups, dtype=dtype, rank=rank)
     _check_bias(op, bias, g.C)
     nd = g.nd
-    xp = _xp(ns)
-    gy = x
-    if g.out_spatial != tuple(L):
-        gy = xp.zeros(g.y_shape, dtype=dtype)
-        gy[(slice(None), slice(None)) + tuple(slice(0, l) for l in L)] = x
-    acc = np.dtype(_acc_dtype(dtype))
+    gy = _extend(xp, x, g.out_spatial)
+    acc = g.accumulate_dtype
     if bias is None or acc == dtype:
-        y = _input_grad(op, gy, weight, g, ns, backend)
+        y = _input_grad(op, gy, weight, g, xp, backend)
         if bias is not None:
             y += bias.reshape((1, -1) + (1,) * nd)
         return y
     # half types with a bias: add it in float32 before the one rounding
     y = _input_grad(op, gy.astype(acc), weight.astype(acc), dataclasses.replace(g, dtype=acc),
-                    ns, backend)
+                    xp, backend)
     y += bias.astype(acc).reshape((1, -1) + (1,) * nd)
     return y.astype(dtype)
 
 
-def _transpose_geometry(op, rank, x_shape, w_shape, stride, padding, output_padding, dilation,
-                        groups, dtype, names=("x.shape", "weight.shape")):
-    """Validate a transposed convolution and return (g, L): g is the matching forward
-    convolution (N, C_out, *out) -> (N, C_in, *L'), weight (C_in, C_out/groups, *kernel);
-    L' = L unless output_padding >= stride (allowed when < dilation), when the extra
-    trailing positions of that forward output get zero gradient."""
-    xn, wn = names
-    x_shape = geo._shape_of(op, xn, x_shape)
-    w_shape = geo._shape_of(op, wn, w_shape)
-    ranks = (3, 4, 5) if rank is None else (rank + 2,)
-    if len(w_shape) not in ranks:
-        raise ValueError(f"{op}: weight must have {' or '.join(map(str, ranks))} dims "
-                         f"((C_in, C_out/groups, *kernel)), got {wn}={geo._fmt_shape(w_shape)}")
-    nd = len(w_shape) - 2
-    if len(x_shape) != nd + 2:
-        raise ValueError(f"{op}: x must have {nd + 2} dims ((N, C_in, *spatial) with {nd} spatial "
-                         f"dims), got {xn}={geo._fmt_shape(x_shape)}")
-    N, Cin = x_shape[:2]
-    L = tuple(x_shape[2:])
-    if min(L) < 1 or Cin < 1:
-        raise ValueError(f"{op}: {xn}={geo._fmt_shape(x_shape)} has an empty channel or "
-                         f"spatial dimension")
-    gr = geo._as_int(op, "groups", groups)
-    if gr < 1 or Cin % gr:
-        raise ValueError(f"{op}: groups={groups!r} must be >= 1 and divide the input channels "
-                         f"C_in={Cin} ({xn}={geo._fmt_shape(x_shape)})")
-    if w_shape[0] != Cin:
-        raise ValueError(f"{op}: channel mismatch: x has C_in={Cin} channels but weight.shape[0]="
-                         f"{w_shape[0]} (weight is (C_in, C_out/groups, *kernel), "
-                         f"{wn}={geo._fmt_shape(w_shape)})")
-    kernel = w_shape[2:]
-    s = geo._int_tuple(op, "stride", stride, nd, 1)
-    d = geo._int_tuple(op, "dilation", dilation, nd, 1)
-    lo, hi = geo.resolve_padding(op, padding, L, kernel, s, d, allow_strings=False)
-    opad = geo.transpose_output_padding(op, output_padding, nd, s, d)
-    out = tuple((l - 1) * st - a - b + dl * (k - 1) + o + 1
-                for l, st, a, b, dl, k, o in zip(L, s, lo, hi, d, kernel, opad))
-    if min(out) < 1:
-        raise ValueError(f"{op}: output size {out} is not positive for {xn}="
-                         f"{geo._fmt_shape(x_shape)}, {wn}={geo._fmt_shape(w_shape)}, "
-                         f"stride={stride!r}, padding={padding!r}, dilation={dilation!r}")
-    g = geo.conv_geometry(op, (N, w_shape[1] * gr) + out, w_shape, stride=s,
-                          padding=tuple(zip(lo, hi)), dilation=d, groups=gr, dtype=dtype)
-    return g, L
+# The transposed convolution y = conv_transpose(x, w) is the input gradient of the
+# convolution c(z) = conv(z, w) mapping (N, C_out, *out) -> (N, C_in, *L'), fed with x
+# extended by zeros from L to L' (L' > L only when output_padding >= stride).  So its
+# gradients are c itself and c's weight gradient, cropped / extended between L and L'.
+def _extend(xp, a, spatial):
+    """a (N, C, *L) zero-extended to (N, C, *spatial) (a itself when L == spatial)."""
+    if tuple(a.shape[2:]) == tuple(spatial):
+        return a
+    out = xp.zeros(tuple(a.shape[:2]) + tuple(spatial), dtype=a.dtype)
+    out[geo.leading_box(a.shape[2:])] = a
+    return out
+
+
+def _crop(xp, a, spatial):
+    """The leading (N, C, *spatial) box of a, contiguous (a itself when it is that size)."""
+    if tuple(a.shape[2:]) == tuple(spatial):
+        return a
+    return xp.ascontiguousarray(a[geo.leading_box(spatial)])
+
+
+def conv_transpose_input_grad(grad_out, weight, input_shape, *, stride=1, padding=0,
+                              output_padding=0, dilation=1, groups=1, backend=None):
+    """Gradient of ``conv_transpose`` with respect to its input x.
+
+    ``grad_out`` is ``(N, C_out, *out)`` (the transposed convolution's output shape),
+    ``weight`` ``(C_in, C_out // groups, *kernel)``, ``input_shape`` x's shape
+    ``(N, C_in, *L)``.  Returns an array of ``input_shape``: the convolution
+    ``conv(grad_out, weight)`` (cropped to L where ``output_padding >= stride``).
+    """
+    op = "conv_transpose_input_grad"
+    xp = array_namespace(op, grad_out=grad_out, weight=weight)
+    dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
+    g, L = geo.transpose_geometry(op, input_shape, weight.shape, stride=stride, padding=padding,
+                                  output_padding=output_padding, dilation=dilation,
+                                  groups=groups, dtype=dtype,
+                                  names=("input_shape", "weight.shape"))
+    geo.check_shape(op, "grad_out", grad_out.shape, g.x_shape,
+                    "the transposed convolution's output shape for these shapes and arguments")
+    return _crop(xp, _forward(op, grad_out, weight, None, g, xp, backend), L)
+
+
+def conv_transpose_weight_grad(x, grad_out, weight_shape, *, stride=1, padding=0,
+                               output_padding=0, dilation=1, groups=1, backend=None):
+    """Gradient of ``conv_transpose`` with respect to its weight: an array of
+    ``weight_shape`` ``(C_in, C_out // groups, *kernel)``.
+
+    ``x`` is the transposed convolution's input ``(N, C_in, *L)``, ``grad_out`` the
+    gradient of its output ``(N, C_out, *out)``.  Deterministic on every backend.
+    """
+    op = "conv_transpose_weight_grad"
+    xp = array_namespace(op, x=x, grad_out=grad_out)
+    dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
+    g, L = geo.transpose_geometry(op, x.shape, weight_shape, stride=stride, padding=padding,
+                                  output_padding=output_padding, dilation=dilation,
+                                  groups=groups, dtype=dtype, names=("x.shape", "weight_shape"))
+    geo.check_shape(op, "grad_out", grad_out.shape, g.x_shape,
+                    "the transposed convolution's output shape for these shapes and arguments")
+    return _weight_grad(op, grad_out, _extend(xp, x, g.out_spatial), g, xp, backend)
 
 
 def conv_transpose_output_shape(input_shape, weight_shape, *, stride=1, padding=0,
@@ -302,9 +301,10 @@ def conv_transpose_output_shape(input_shape, weight_shape, *, stride=1, padding=
     ...                             output_padding=1)
     (1, 2, 10, 10)
     """
-    g, _ = _transpose_geometry("conv_transpose_output_shape", None, input_shape, weight_shape,
-                               stride, padding, output_padding, dilation, groups, np.float32,
-                               names=("input_shape", "weight_shape"))
+    g, _ = geo.transpose_geometry("conv_transpose_output_shape", input_shape, weight_shape,
+                                  stride=stride, padding=padding, output_padding=output_padding,
+                                  dilation=dilation, groups=groups,
+                                  names=("input_shape", "weight_shape"))
     return g.x_shape
 
 
@@ -347,14 +347,14 @@ def _make_conv(nd):
 
     def f(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, backend=None):
         op = name
-        ns = array_namespace(op, x=x, weight=weight, bias=bias)
+        xp = array_namespace(op, x=x, weight=weight, bias=bias)
         dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
         batched, shared = _seed_forms(op, nd, x=x, weight=weight)
         xb = x if batched else x[None]
         wshape = _shared_wshape(op, weight.shape, xb.shape[1], groups, shared)
         g = _geometry(op, xb.shape, wshape, stride, padding, dilation, groups, dtype)
         _check_bias(op, bias, g.K)
-        y = _forward(op, xb, weight, bias, g, ns, backend, shared)
+        y = _forward(op, xb, weight, bias, g, xp, backend, shared)
         return y if batched else y[0]
 
     f.__name__ = f.__qualname__ = name
@@ -373,7 +373,7 @@ def _make_input_grad(nd):
     def f(grad_out, weight, input_shape, *, stride=1, padding=0, dilation=1, groups=1,
           backend=None):
         op = name
-        ns = array_namespace(op, grad_out=grad_out, weight=weight)
+        xp = array_namespace(op, grad_out=grad_out, weight=weight)
         dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
         input_shape = geo._shape_of(op, "input_shape", input_shape)
         batched, shared = _seed_forms(op, nd, weight=weight, input_shape=input_shape)
@@ -383,7 +383,7 @@ def _make_input_grad(nd):
         gy = grad_out if batched else grad_out[None]
         geo.check_shape(op, "grad_out", grad_out.shape, g.y_shape if batched else g.y_shape[1:],
                         "the forward output shape for these shapes and arguments")
-        gx = _input_grad(op, gy, weight, g, ns, backend, shared)
+        gx = _input_grad(op, gy, weight, g, xp, backend, shared)
         return gx if batched else gx[0]
 
     f.__name__ = f.__qualname__ = name
@@ -400,7 +400,7 @@ def _make_weight_grad(nd):
 
     def f(x, grad_out, weight_shape, *, stride=1, padding=0, dilation=1, groups=1, backend=None):
         op = name
-        ns = array_namespace(op, x=x, grad_out=grad_out)
+        xp = array_namespace(op, x=x, grad_out=grad_out)
         dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
         weight_shape = geo._shape_of(op, "weight_shape", weight_shape)
         batched, shared = _seed_forms(op, nd, x=x, weight_shape=weight_shape)
@@ -410,7 +410,7 @@ def _make_weight_grad(nd):
         gy = grad_out if batched else grad_out[None]
         geo.check_shape(op, "grad_out", grad_out.shape, g.y_shape if batched else g.y_shape[1:],
                         "the forward output shape for these shapes and arguments")
-        return _weight_grad(op, xb, gy, g, ns, backend, shared)
+        return _weight_grad(op, xb, gy, g, xp, backend, shared)
 
     f.__name__ = f.__qualname__ = name
     f.__doc__ = f"""Weight gradient of :func:`conv{nd}d`; see :func:`conv_weight_grad`.

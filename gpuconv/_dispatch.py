@@ -29,10 +29,12 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run on this machine (the message says why)."""
 
 
-def array_namespace(op: str, **arrays) -> str:
-    """'numpy' or 'cupy' for the given arrays (None entries ignored).
+def array_namespace(op: str, **arrays):
+    """The array module of the given arrays: ``numpy`` or ``cupy`` itself (None
+    entries ignored; no arrays: numpy), as array-api-compat's ``array_namespace``.
 
-    Raises TypeError for anything that is not a numpy/cupy ndarray and for a mix.
+    Raises TypeError for anything that is not a numpy/cupy ndarray and for a mix,
+    ValueError for cupy arrays on different devices.
     """
     kinds = {}
     cp = sys.modules.get("cupy")
@@ -61,7 +63,12 @@ def array_namespace(op: str, **arrays) -> str:
         raise TypeError(f"{op}: numpy and cupy arrays mixed ({desc}); gpuconv never copies "
                         f"between host and device silently -- move them with cupy.asarray() "
                         f"or cupy.asnumpy() first")
-    return found.pop() if found else "numpy"
+    return cp if found == {"cupy"} else np
+
+
+def namespace_name(xp) -> str:
+    """'numpy' or 'cupy' for an array module returned by :func:`array_namespace`."""
+    return "numpy" if xp is np else "cupy"
 
 
 @contextlib.contextmanager
@@ -192,8 +199,9 @@ def _instance(name):
     return be
 
 
-def get_backend(op: str, namespace: str, explicit=None):
-    """The backend object that runs arrays of `namespace` ('numpy'/'cupy')."""
+def get_backend(op: str, xp, explicit=None):
+    """The backend object that runs arrays of the array module `xp` (numpy/cupy)."""
+    namespace = namespace_name(xp)
     name = requested_backend(explicit)
     if name is None:
         name = namespace
@@ -239,15 +247,11 @@ def _driver_has_device() -> bool:
         return False
 
 
-_import_precompile_error = None
-
-
 def _precompile_on_import() -> None:
     """On a machine with CuPy and a working CUDA device, build the modules at import
     (GPUCONV_PRECOMPILE=0 turns this off).  CPU-only machines pay nothing: no CuPy
     import, no compilation.  A failure here never breaks the import; the first
-    call on a CuPy array reports it."""
-    global _import_precompile_error
+    call on a CuPy array builds the modules again and raises that error then."""
     if os.environ.get("GPUCONV_PRECOMPILE", "1").strip() == "0":
         return
     import importlib.util
@@ -255,5 +259,5 @@ def _precompile_on_import() -> None:
         return
     try:
         precompile("cupy")
-    except Exception as e:  # reported again, with its traceback, on first use
-        _import_precompile_error = e
+    except Exception:  # nothing is cached: the first use builds again and raises
+        pass

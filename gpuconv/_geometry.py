@@ -51,6 +51,32 @@ DTYPES = {d.name: d for d in (
 DTYPES_TEXT = "float16, bfloat16 (ml_dtypes), float32 and float64"
 
 
+def resolve_dtype(dtype, what: str = "dtype") -> np.dtype:
+    """A supported dtype from a dtype or its name ('bfloat16' needs ml_dtypes)."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise TypeError(f"{what}='bfloat16' needs the ml_dtypes package "
+                            f"(pip install ml_dtypes)") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    dt = np.dtype(dtype)
+    if dt.name not in DTYPES:
+        raise TypeError(f"{what}={dtype!r}: supported dtypes are {DTYPES_TEXT}")
+    return dt
+
+
+def available_dtypes() -> list:
+    """[(name, numpy dtype)] of the supported dtypes usable here (bfloat16 needs ml_dtypes)."""
+    out = []
+    for name in DTYPES:
+        try:
+            out.append((name, resolve_dtype(name)))
+        except TypeError:
+            pass
+    return out
+
+
 def accumulate_dtype(dtype) -> np.dtype:
     """The type sums are accumulated in: float64 for float64, float32 otherwise
     (half types are accumulated in float32 and rounded once)."""
@@ -153,9 +179,11 @@ def _as_int(op: str, name: str, value) -> int:
         raise TypeError(f"{op}: {name} must be an integer, got {value!r}") from None
 
 
-def _int_tuple(op: str, name: str, value, nd: int, minimum: int) -> tuple:
-    """int or length-nd sequence of ints, each >= minimum."""
-    if isinstance(value, (list, tuple)):
+def int_tuple(op: str, name: str, value, nd: int, minimum=None) -> tuple:
+    """THE sequence-argument normaliser: an int, or any non-string sequence of nd ints,
+    as an nd-tuple of ints, each >= minimum (None: unchecked)."""
+    if hasattr(value, "__iter__") and not isinstance(value, str):
+        value = tuple(value) if not isinstance(value, (list, tuple)) else value
         if len(value) != nd:
             raise ValueError(
                 f"{op}: {name}={value!r} has {len(value)} entries, expected 1 int or {nd} "
@@ -163,10 +191,14 @@ def _int_tuple(op: str, name: str, value, nd: int, minimum: int) -> tuple:
         out = tuple(_as_int(op, name, v) for v in value)
     else:
         out = (_as_int(op, name, value),) * nd
-    for v in out:
-        if v < minimum:
-            raise ValueError(f"{op}: {name}={value!r} must be >= {minimum} in every dimension")
+    if minimum is not None:
+        for v in out:
+            if v < minimum:
+                raise ValueError(f"{op}: {name}={value!r} must be >= {minimum} in every dimension")
     return out
+
+
+_int_tuple = int_tuple
 
 
 def resolve_padding(op: str, padding, in_spatial: Sequence[int], kernel: Sequence[int],

@@ -25,41 +25,25 @@ with ``fan_in = weight.shape[1] * prod(kernel_size)``.
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 
 from . import _api
-from ._dispatch import BackendUnavailableError, available_backends, backend_info
+from . import _geometry as geo
+from ._dispatch import (BackendUnavailableError, array_namespace, available_backends,
+                        backend_info, namespace_name)
 
 __all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d"]
 
 _DEVICES = {"numpy": "numpy", "cpu": "numpy", "cupy": "cupy", "cuda": "cupy", "gpu": "cupy"}
 
 
-def _device_of(a):
-    cp = sys.modules.get("cupy")
-    if isinstance(a, np.ndarray):
-        return "numpy"
-    if cp is not None and isinstance(a, cp.ndarray):
-        return "cupy"
-    raise TypeError(f"expected a numpy.ndarray or cupy.ndarray, got "
-                    f"{type(a).__module__}.{type(a).__qualname__}")
+def _device_of(a, what="array"):
+    """'numpy' or 'cupy': where array `a` lives (TypeError for anything else)."""
+    return namespace_name(array_namespace(what, **{"input": a}))
 
 
-def _resolve_dtype(dtype):
-    if isinstance(dtype, str) and dtype == "bfloat16":
-        try:
-            import ml_dtypes
-        except ImportError:
-            raise TypeError("dtype='bfloat16' needs the ml_dtypes package "
-                            "(pip install ml_dtypes)") from None
-        return np.dtype(ml_dtypes.bfloat16)
-    dt = np.dtype(dtype)
-    if dt.name not in ("float16", "bfloat16", "float32", "float64"):
-        raise TypeError(f"dtype={dtype!r}: supported dtypes are float16, bfloat16 (ml_dtypes), "
-                        f"float32 and float64")
-    return dt
+_resolve_dtype = geo.resolve_dtype
 
 
 def _move(a, device):
@@ -74,15 +58,7 @@ def _move(a, device):
 
 
 def _tuple(name, v, nd, cls):
-    if isinstance(v, (int, np.integer)):
-        return (int(v),) * nd
-    try:
-        t = tuple(int(e) for e in v)
-    except TypeError:
-        raise TypeError(f"{cls}: {name} must be an int or a tuple of {nd} ints, got {v!r}") from None
-    if len(t) != nd:
-        raise ValueError(f"{cls}: {name} must have {nd} entries, got {name}={v!r}")
-    return t
+    return geo.int_tuple(cls, name, v, nd)
 
 
 class _ConvBase:
@@ -219,10 +195,7 @@ class _ConvBase:
 
     def _check_input(self, x, what):
         cls = type(self).__name__
-        try:
-            dev = _device_of(x)
-        except TypeError as e:
-            raise TypeError(f"{cls}.{what}: {e}") from None
+        dev = _device_of(x, f"{cls}.{what}")
         if dev != self.device:
             raise TypeError(f"{cls}.{what}: got a {dev} array but the layer's parameters live on "
                             f"{self.device!r}; call layer.to({dev!r}) or move the data")
@@ -404,33 +377,18 @@ class ConvTranspose2d(_ConvBase):
                                    **self._conv_kwargs())
 
     def _backward(self, x, gy, need_input_grad):
-        # y = conv_transpose(x, w) is the input gradient of the convolution
-        # c(z) = conv(z, w) mapping (N, C_out, *out) -> (N, C_in, *L').  So
-        # dL/dx = conv(gy, w) and dL/dw = conv_weight_grad(gy, x, w.shape).
-        # L' = L except when output_padding >= stride (allowed if < dilation):
-        # then c's output has extra trailing positions that x did not feed.
-        kw = self._conv_kwargs()
-        cls = type(self).__name__
+        kw = dict(self._conv_kwargs(), output_padding=self.output_padding)
         expected_y = self._out_shape(x.shape)
         if tuple(gy.shape) != expected_y:
-            raise ValueError(f"{cls}.backward: grad_out has shape {tuple(gy.shape)}, expected the "
-                             f"forward output's shape {expected_y}")
-        out_shape = _api.conv_output_shape(gy.shape, self.weight.shape, **kw)
-        xs = x
-        if tuple(out_shape) != tuple(x.shape):
-            xp = sys.modules["cupy"] if self.device == "cupy" else np
-            xs = xp.zeros(out_shape, dtype=x.dtype)
-            xs[(slice(None), slice(None)) + tuple(slice(0, l) for l in x.shape[2:])] = x
-        self.weight_grad = _api.conv_weight_grad(gy, xs, self.weight.shape, **kw)
+            raise ValueError(f"{type(self).__name__}.backward: grad_out has shape "
+                             f"{tuple(gy.shape)}, expected the forward output's shape "
+                             f"{expected_y}")
+        self.weight_grad = _api.conv_transpose_weight_grad(x, gy, self.weight.shape, **kw)
         if self.bias is not None:
             self.bias_grad = _api.conv_bias_grad(gy)
         if not need_input_grad:
             return None
-        gx = _api.conv(gy, self.weight, **kw)
-        if tuple(gx.shape) != tuple(x.shape):
-            gx = gx[(slice(None), slice(None)) + tuple(slice(0, l) for l in x.shape[2:])]
-            gx = (sys.modules["cupy"] if self.device == "cupy" else np).ascontiguousarray(gx)
-        return gx
+        return _api.conv_transpose_input_grad(gy, self.weight, x.shape, **kw)
 
     def _out_shape(self, x_shape):
         return _api.conv_transpose_output_shape(

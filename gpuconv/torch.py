@@ -114,6 +114,28 @@ def _check_devices(op, **tensors):
 
 
 # ----------------------------------------------------------------------------- autograd
+def _save(ctx, x, w, b, kw):
+    ctx.save_for_backward(x, w)
+    ctx.kw = kw
+    ctx.has_bias = b is not None
+
+
+def _backward(ctx, gy, input_grad, weight_grad):
+    """(gx, gw, gb) of a convolution-like op from its gradient functions (None where
+    autograd does not need one)."""
+    x, w = ctx.saved_tensors
+    gx = gw = gb = None
+    with _context(gy):
+        g = to_array(gy)
+        if ctx.needs_input_grad[0]:
+            gx = from_array(input_grad(g, to_array(w), tuple(x.shape), **ctx.kw))
+        if ctx.needs_input_grad[1]:
+            gw = from_array(weight_grad(to_array(x), g, tuple(w.shape), **ctx.kw))
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = from_array(_api.conv_bias_grad(g))
+    return gx, gw, gb
+
+
 class _Conv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, stride, padding, dilation, groups):
@@ -121,67 +143,32 @@ class _Conv(torch.autograd.Function):
         with _context(x):
             y = _api.conv(to_array(x), to_array(w), None if b is None else to_array(b), **kw)
             out = from_array(y)
-        ctx.save_for_backward(x, w)
-        ctx.kw = kw
-        ctx.has_bias = b is not None
+        _save(ctx, x, w, b, kw)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        kw = ctx.kw
-        gx = gw = gb = None
-        with _context(gy):
-            g = to_array(gy)
-            if ctx.needs_input_grad[0]:
-                gx = from_array(_api.conv_input_grad(g, to_array(w), tuple(x.shape), **kw))
-            if ctx.needs_input_grad[1]:
-                gw = from_array(_api.conv_weight_grad(to_array(x), g, tuple(w.shape), **kw))
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                gb = from_array(_api.conv_bias_grad(g))
-        return gx, gw, gb, None, None, None, None
+        return _backward(ctx, gy, _api.conv_input_grad, _api.conv_weight_grad) + (None,) * 4
 
 
 class _ConvTranspose(torch.autograd.Function):
-    # y = conv_transpose(x, w) is the input gradient of c(z) = conv(z, w), which maps
-    # (N, C_out, *out) -> (N, C_in, *L'), so dx = conv(gy, w), dw = conv_weight_grad(gy, x).
-    # L' > L only when output_padding >= stride (allowed if < dilation).
     @staticmethod
     def forward(ctx, x, w, b, stride, padding, output_padding, dilation, groups):
+        kw = dict(stride=stride, padding=padding, output_padding=output_padding,
+                  dilation=dilation, groups=groups)
         with _context(x):
-            y = _api.conv_transpose(to_array(x), to_array(w),
-                                    None if b is None else to_array(b), stride=stride,
-                                    padding=padding, output_padding=output_padding,
-                                    dilation=dilation, groups=groups)
+            y = _api.conv_transpose(to_array(x), to_array(w), None if b is None else to_array(b),
+                                    **kw)
             out = from_array(y)
-        ctx.save_for_backward(x, w)
-        ctx.kw = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
-        ctx.has_bias = b is not None
+        _save(ctx, x, w, b, kw)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        kw = ctx.kw
-        gx = gw = gb = None
-        zshape = tuple(_api.conv_output_shape(tuple(gy.shape), tuple(w.shape), **kw))
-        crop = (slice(None), slice(None)) + tuple(slice(0, l) for l in x.shape[2:])
-        with _context(gy):
-            g = to_array(gy)
-            if ctx.needs_input_grad[0]:
-                gx_full = from_array(_api.conv(g, to_array(w), **kw))
-                gx = gx_full[crop].contiguous() if zshape != tuple(x.shape) else gx_full
-            if ctx.needs_input_grad[1]:
-                xs = x.detach()
-                if zshape != tuple(x.shape):
-                    xs = x.new_zeros(zshape)
-                    xs[crop] = x.detach()
-                gw = from_array(_api.conv_weight_grad(g, to_array(xs), tuple(w.shape), **kw))
-            if ctx.has_bias and ctx.needs_input_grad[2]:
-                gb = from_array(_api.conv_bias_grad(g))
-        return gx, gw, gb, None, None, None, None, None
+        return (_backward(ctx, gy, _api.conv_transpose_input_grad,
+                          _api.conv_transpose_weight_grad) + (None,) * 5)
 
 
 # ----------------------------------------------------------------------------- functional API

@@ -34,12 +34,9 @@ __device__ __forceinline__ void gc_conv_dgrad(const T* __restrict__ gy, const T*
   const int taps = g.KD * g.KH * g.KW;
   for (I idx = (I)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (I)gridDim.x * blockDim.x) {
-    I t = idx;
-    const int iw = (int)(t % g.W); t /= g.W;
-    const int ih = (int)(t % g.H); t /= g.H;
-    const int id = (int)(t % g.D); t /= g.D;
-    const int c = (int)(t % g.C);
-    const I n = t / g.C;
+    const gc_ncdhw<I> p = gc_unravel(idx, g.C, g.D, g.H, g.W);
+    const int iw = p.w, ih = p.h, id = p.d, c = p.c;
+    const I n = p.n;
     const int grp = c / g.Cg, cc = c % g.Cg;
     int d0, d1, h0, h1, w0, w1;
     gc_dgrad_taps(id, g.sd, g.pd, g.dd, g.OD, g.KD, pd_, d0, d1);
@@ -76,7 +73,6 @@ __device__ __forceinline__ void gc_conv_dgrad(const T* __restrict__ gy, const T*
     gc_phase a = {stepd, invd, gcdd}, b = {steph, invh, gcdh}, c = {stepw, invw, gcdw};       \
     gc_conv_dgrad<T, I>(gy, w, gx, GC_GEO_MAKE, a, b, c);                                     \
   }
-#define GC_DGRAD_ENTRY(SUF, T) \
-  GC_DGRAD_ENTRY_I(SUF, T, i32, int) GC_DGRAD_ENTRY_I(SUF, T, i64, long long)
+#define GC_DGRAD_ENTRY(SUF, T) GC_FOR_EACH_INDEX(GC_DGRAD_ENTRY_I, SUF, T)
 
 GC_FOR_EACH_DTYPE(GC_DGRAD_ENTRY)

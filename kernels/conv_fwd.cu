@@ -13,12 +13,9 @@ __device__ __forceinline__ void gc_conv_fwd(const T* __restrict__ x, const T* __
   const int taps = g.KD * g.KH * g.KW;
   for (I idx = (I)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
        idx += (I)gridDim.x * blockDim.x) {
-    I t = idx;
-    const int ow = (int)(t % g.OW); t /= g.OW;
-    const int oh = (int)(t % g.OH); t /= g.OH;
-    const int od = (int)(t % g.OD); t /= g.OD;
-    const int k = (int)(t % g.K);
-    const I n = t / g.K;
+    const gc_ncdhw<I> p = gc_unravel(idx, g.K, g.OD, g.OH, g.OW);
+    const int ow = p.w, oh = p.h, od = p.d, k = p.c;
+    const I n = p.n;
     const int grp = k / g.Kg;
     const int id0 = od * g.sd - g.pd, ih0 = oh * g.sh - g.ph, iw0 = ow * g.sw - g.pw;
     A acc = A(0);
@@ -50,17 +47,14 @@ __device__ __forceinline__ void gc_conv_fwd(const T* __restrict__ x, const T* __
   }
 }
 
-#define GC_FWD_ENTRY(SUF, T)                                                                  \
-  extern "C" __global__ void gpuconv_fwd_##SUF##_i32(                  \
-      const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,           \
-      T* __restrict__ y, GC_GEO_PARAMS, int has_bias) {                                       \
-    gc_conv_fwd<T, int>(x, w, bias, y, GC_GEO_MAKE, has_bias);                                \
-  }                                                                                           \
-  extern "C" __global__ void gpuconv_fwd_##SUF##_i64(                  \
-      const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,           \
-      T* __restrict__ y, GC_GEO_PARAMS, int has_bias) {                                       \
-    gc_conv_fwd<T, long long>(x, w, bias, y, GC_GEO_MAKE, has_bias);                          \
+#define GC_FWD_PARAMS(T)                                                                      \
+  const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,               \
+      T* __restrict__ y, GC_GEO_PARAMS, int has_bias
+#define GC_FWD_ENTRY_I(SUF, T, ISUF, I)                                                       \
+  extern "C" __global__ void gpuconv_fwd_##SUF##_##ISUF(GC_FWD_PARAMS(T)) {                   \
+    gc_conv_fwd<T, I>(x, w, bias, y, GC_GEO_MAKE, has_bias);                                  \
   }
+#define GC_FWD_ENTRY(SUF, T) GC_FOR_EACH_INDEX(GC_FWD_ENTRY_I, SUF, T)
 
 GC_FOR_EACH_DTYPE(GC_FWD_ENTRY)
 
@@ -198,16 +192,10 @@ __device__ __forceinline__ void gc_conv_fwd_tiled(const T* __restrict__ x,
   }
 }
 
-#define GC_FWD_TILED_ENTRY(SUF, T)                                                            \
-  extern "C" __global__ void gpuconv_fwdtile_##SUF##_i32(                                     \
-      const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,           \
-      T* __restrict__ y, GC_GEO_PARAMS, int has_bias) {                                       \
-    gc_conv_fwd_tiled<T, int>(x, w, bias, y, GC_GEO_MAKE, has_bias);                          \
-  }                                                                                           \
-  extern "C" __global__ void gpuconv_fwdtile_##SUF##_i64(                                     \
-      const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ bias,           \
-      T* __restrict__ y, GC_GEO_PARAMS, int has_bias) {                                       \
-    gc_conv_fwd_tiled<T, long long>(x, w, bias, y, GC_GEO_MAKE, has_bias);                    \
+#define GC_FWD_TILED_ENTRY_I(SUF, T, ISUF, I)                                                 \
+  extern "C" __global__ void gpuconv_fwdtile_##SUF##_##ISUF(GC_FWD_PARAMS(T)) {               \
+    gc_conv_fwd_tiled<T, I>(x, w, bias, y, GC_GEO_MAKE, has_bias);                            \
   }
+#define GC_FWD_TILED_ENTRY(SUF, T) GC_FOR_EACH_INDEX(GC_FWD_TILED_ENTRY_I, SUF, T)
 
 GC_FOR_EACH_DTYPE(GC_FWD_TILED_ENTRY)

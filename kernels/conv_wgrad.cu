@@ -84,8 +84,7 @@ __device__ __forceinline__ void gc_wgrad_reduce(const typename gc_acc<T>::type* 
     gc_conv_wgrad<T, I>(x, gy, partial, GC_GEO_MAKE, chunk);                                  \
   }
 #define GC_WGRAD_ENTRY(SUF, T)                                                                \
-  GC_WGRAD_ENTRY_I(SUF, T, i32, int)                                                          \
-  GC_WGRAD_ENTRY_I(SUF, T, i64, long long)                                                    \
+  GC_FOR_EACH_INDEX(GC_WGRAD_ENTRY_I, SUF, T)                                                 \
   extern "C" __global__ void gpuconv_wgrad_reduce_##SUF(               \
       const gc_acc<T>::type* __restrict__ partial, T* __restrict__ gw, long long welems,      \
       int splits) {                                                                           \

@@ -108,7 +108,7 @@ def test_generated_config_matches_python_constants():
         assert f"MACRO({d.suffix}, {d.ctype})" in hdr
     for name in K.list_sources():  # no kernel file defines them again
         text = K.read_source(name)
-        assert not re.search(r"#define (GC_TILE_[MNK]|GC_FOR_EACH_DTYPE)\b", text), name
+        assert not re.search(r"#define (GC_TILE_[MNK]|GC_FOR_EACH_DTYPE|GC_FOR_EACH_INDEX)\b", text), name
 
 
 # ----------------------------------------------------------------------------- launch arithmetic

@@ -4,7 +4,7 @@ Adding a header or a kernel file is one line in :data:`HEADERS` or :data:`MODULE
 Entry-point names are read from the sources themselves (every
 ``extern "C" __global__ void gpuconv_...`` declaration, its ``##SUF##`` expanded
 with the dtype suffixes of :data:`gpuconv._geometry.DTYPES` and its ``##ISUF``
-with :data:`INDEX_SUFFIXES`), so no name list is typed twice.  The tile constants
+with :data:`INDEX_TYPES`), so no name list is typed twice.  The tile constants
 and the dtype X-macro are generated here into the text of every module
 (:func:`config_header`); CuPy's compile cache keys on that full text.
 """
@@ -28,8 +28,9 @@ MODULES = {
     "wgrad": "conv_wgrad.cu",
 }
 PASSES = tuple(MODULES)
-# index-width variants of an entry point (``##ISUF`` in its name): 32- and 64-bit index math
-INDEX_SUFFIXES = ("i32", "i64")
+# index-width variants of an entry point (``##ISUF`` in its name): suffix -> C++ index type
+INDEX_TYPES = {"i32": "int", "i64": "long long"}
+INDEX_SUFFIXES = tuple(INDEX_TYPES)
 
 # Tile of the implicit-GEMM kernels (written into every module as #defines): a block of
 # 256 threads computes a TILE_M x TILE_N tile of C, stepping the reduction by TILE_K.
@@ -45,7 +46,10 @@ def config_header() -> str:
              f"#define GC_TILE_K {TILE_K}",
              "// Emit an entry point for every dtype: MACRO(suffix, storage type)",
              "#define GC_FOR_EACH_DTYPE(MACRO) "
-             + " ".join(f"MACRO({d.suffix}, {d.ctype})" for d in DTYPES.values())]
+             + " ".join(f"MACRO({d.suffix}, {d.ctype})" for d in DTYPES.values()),
+             "// ... and every index width: MACRO(SUF, T, index suffix, index type)",
+             "#define GC_FOR_EACH_INDEX(MACRO, SUF, T) "
+             + " ".join(f"MACRO(SUF, T, {s}, {t})" for s, t in INDEX_TYPES.items())]
     return "\n".join(lines) + "\n"
 
 
