@@ -219,7 +219,7 @@ def bench_layer(layer, *, backend="numpy", dtype="float32", batch=8, passes=PASS
             tp = _median_time(pfns[p], repeats, warmup, sync, timer)
             row.update(peer="torch", peer_time_ms=tp * 1e3, ratio=tp / t)
         if memory and backend == "numpy":
-            from ._cpu.dense import clear_workspace_cache
+            from ._cpu import clear_workspace_cache
             row["peak_mb"] = _peak_bytes(fns[p], before=clear_workspace_cache) / 2 ** 20
             out_shape = {"forward": g.y_shape, "input_grad": g.x_shape,
                          "weight_grad": g.w_shape}[p]
@@ -254,7 +254,7 @@ def run(layers=None, *, quick=False, backend="numpy", dtype="float32", batch=8, 
     if repeats is None:
         repeats = 3 if quick else 7
     if threads is None and backend == "numpy":
-        from ._cpu.dense import get_num_threads
+        from ._cpu import get_num_threads
         threads = get_num_threads()
     rows = []
     for i, L in enumerate(todo):
@@ -388,7 +388,7 @@ def environment_info():
     except Exception:
         info["torch"] = None
     try:
-        from ._cpu.dense import get_num_threads, get_workspace_limit
+        from ._cpu import get_num_threads, get_workspace_limit
         info["gpuconv_threads"] = get_num_threads()
         info["workspace_mb"] = get_workspace_limit() / 2 ** 20
     except Exception:

@@ -222,7 +222,7 @@ def resolve_padding(op: str, padding, in_spatial: Sequence[int], kernel: Sequenc
             lo, hi = [], []
             for L, k, s, d in zip(in_spatial, kernel, stride, dilation):
                 out = -(-L // s)
-                total = max((out - 1) * s + d * (k - 1) + 1 - L, 0)
+                total = max((out - 1) * s + effective_kernel(k, d) - L, 0)
                 lo.append(total // 2)
                 hi.append(total - total // 2)
             return tuple(lo), tuple(hi)

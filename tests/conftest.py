@@ -84,11 +84,12 @@ class _PoisonedNumpy:
 @contextlib.contextmanager
 def poisoned_numpy_allocations():
     """Patch the ``np`` global of gpuconv's numpy-side modules for the duration."""
+    import gpuconv._cpu as cpu
     from gpuconv import _api
-    from gpuconv._cpu import dense as _numpy_backend
-    mods = [_api, _numpy_backend]
+    from gpuconv._cpu import dense, depthwise, parallel, workspace
+    mods = [_api, cpu, dense, depthwise, parallel, workspace]
     saved = [m.np for m in mods]
-    acquire = _numpy_backend._acquire
+    acquire = workspace.acquire
 
     def poisoned_acquire(nbytes):
         # workspace arenas are reused between calls: poison them on every hand-out,
@@ -100,10 +101,10 @@ def poisoned_numpy_allocations():
     try:
         for m in mods:
             m.np = _PoisonedNumpy(np)
-        _numpy_backend._acquire = poisoned_acquire
+        workspace.acquire = poisoned_acquire
         yield
     finally:
-        _numpy_backend._acquire = acquire
+        workspace.acquire = acquire
         for m, old in zip(mods, saved):
             m.np = old
 

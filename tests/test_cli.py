@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv._cpu import dense as _numpy_backend
+import gpuconv._cpu as _numpy_backend
 from gpuconv.__main__ import main
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import gpuconv
-from gpuconv._cpu import dense as nb
+import gpuconv._cpu as nb
+from gpuconv._cpu import dense, parallel, workspace
 from gpuconv import reference as ref
 from gpuconv._geometry import conv_geometry
 from gpuconv.testing import assert_close
@@ -266,10 +267,10 @@ def test_workspace_cache_bounded():
     nb.set_workspace_limit(0.5)
     x, w = _rand(rng, (4, 16, 32, 32)), _rand(rng, (16, 16, 3, 3))
     gpuconv.conv(x, w, padding=1, backend="numpy")
-    total = sum(a.nbytes for a in nb._free_arenas)
+    total = sum(a.nbytes for a in workspace._free_arenas)
     assert total <= nb.get_workspace_limit()
     nb.clear_workspace_cache()
-    assert not nb._free_arenas
+    assert not workspace._free_arenas
 
 
 def test_workspace_limit_validation():
@@ -280,7 +281,7 @@ def test_workspace_limit_validation():
 
 
 def test_blas_threads_restored(threads):
-    libs = nb._blas_controllers()
+    libs = parallel._blas_controllers()
     before = [lc.num_threads for lc in libs]
     rng = np.random.default_rng(10)
     gpuconv.conv(_rand(rng, (4, 8, 16, 16)), _rand(rng, (8, 8, 3, 3)), padding=1, backend="numpy")
@@ -290,14 +291,14 @@ def test_blas_threads_restored(threads):
 def test_error_in_worker_propagates(monkeypatch):
     """An exception inside a worker reaches the caller, BLAS threads are restored."""
     monkeypatch.setenv("GPUCONV_NUM_THREADS", "2")
-    libs = nb._blas_controllers()
+    libs = parallel._blas_controllers()
     before = [lc.num_threads for lc in libs]
 
     def boom(arena, state, c):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        nb._run_parallel([1, 2, 3], 2, 1024, boom)
+        parallel.run_parallel([1, 2, 3], 2, 1024, boom)
     assert [lc.num_threads for lc in libs] == before
 
 
@@ -326,8 +327,8 @@ def _child_conv(x, w):
 def test_weight_grad_strategies(name, one_gemm, trans_min, monkeypatch, threads):
     """Every weight-gradient strategy (per-thread partial sums or one batched GEMM;
     gradient computed directly or transposed) on the small shapes."""
-    monkeypatch.setattr(nb, "_WGRAD_ONE_GEMM_COLS", one_gemm)
-    monkeypatch.setattr(nb, "_WGRAD_TRANS_MIN_COLS", trans_min)
+    monkeypatch.setattr(dense, "_WGRAD_ONE_GEMM_COLS", one_gemm)
+    monkeypatch.setattr(dense, "_WGRAD_TRANS_MIN_COLS", trans_min)
     xs, ws, kw = CASES[name]
     rng = np.random.default_rng(12)
     x = _rand(rng, xs)

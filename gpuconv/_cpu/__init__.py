@@ -1,6 +1,73 @@
-"""CPU backend (NumPy): chunked im2col + BLAS GEMM, tap loops for depthwise."""
-from .dense import (NumpyBackend, clear_workspace_cache, get_num_threads, get_workspace_limit,
-                    set_workspace_limit)
+"""CPU backend (NumPy): chunked im2col + BLAS GEMM, tap loops for depthwise.
+
+* :mod:`.workspace` -- the memory bound: per-thread arenas under the workspace limit;
+* :mod:`.parallel` -- the one scheduler (static chunk assignment, fixed-order sums)
+  and BLAS thread control;
+* :mod:`.dense` -- dense and grouped passes (and the slab/chunk helpers);
+* :mod:`.depthwise` -- depthwise passes;
+* this module -- the facade the dispatcher instantiates: it picks the passes.
+
+float16 / bfloat16 are computed in float32 and rounded once at the end;
+float32 in float32; float64 in float64 (the geometry's accumulate dtype).
+Inputs are never written to; every result is a fresh array.  The peak extra
+memory of a call is at most the workspace plus the output, as long as one output
+row of the first spatial dimension of one image fits; below that the backend
+still runs, with one-row chunks.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import dense, depthwise
+from .dense import Pass
+from .parallel import get_num_threads
+from .workspace import clear_workspace_cache, get_workspace_limit, set_workspace_limit
 
 __all__ = ["NumpyBackend", "get_workspace_limit", "set_workspace_limit", "clear_workspace_cache",
            "get_num_threads"]
+
+
+def _pass(g) -> Pass:
+    cdt = g.accumulate_dtype
+    return Pass(g=g, cdt=cdt, itemsize=cdt.itemsize, workers=get_num_threads())
+
+
+class NumpyBackend:
+    name = "numpy"
+    xp = np
+
+    def forward(self, x, w, bias, g):
+        p = _pass(g)
+        y = np.empty(g.y_shape, dtype=g.dtype)
+        b = None if bias is None else np.ascontiguousarray(bias, dtype=p.cdt)
+        if g.depthwise:
+            if depthwise._flat_ok(g):
+                depthwise.forward_flat(p, x, w, b, y)
+            else:
+                depthwise.forward(p, x, w, b, y)
+        else:
+            dense.forward(p, x, w, b, y)
+        return y
+
+    def input_grad(self, gy, w, g):
+        p = _pass(g)
+        gx = np.empty(g.x_shape, dtype=g.dtype)
+        if g.depthwise:
+            if depthwise._flat_ok(g) and all(st == 1 for st in g.stride):
+                depthwise.input_grad_flat(p, gy, w, gx)
+            else:
+                depthwise.input_grad(p, gy, w, gx)
+        else:
+            dense.input_grad(p, gy, w, gx)
+        return gx
+
+    def weight_grad(self, x, gy, g):
+        p = _pass(g)
+        if g.depthwise:
+            if depthwise._flat_ok(g):
+                gw = depthwise.weight_grad_flat(p, x, gy)
+            else:
+                gw = depthwise.weight_grad(p, x, gy)
+        else:
+            gw = dense.weight_grad(p, x, gy)
+        return gw.reshape(g.w_shape).astype(g.dtype, copy=False)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .. import _geometry as geo
 from . import launch as lh
-from .plans import (THREADS, TILE_K, TILE_M, TILE_N, dgrad_phases, geo_args, m_tiles,
+from .plans import (THREADS, TILE_K, TILE_N, dgrad_phases, geo_args, m_tiles,
                     split_reduction, tile_smem, use_tiled, wgrad_plan)
 from .sources import ModuleCache
 
