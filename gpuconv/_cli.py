@@ -152,23 +152,11 @@ def _cupy_cache_dir():
 
 
 def _cudasim_cache_dir():
-    mod = sys.modules.get("gpuconv._runtimes.cudasim")
-    if mod is None:
-        try:
-            from ._runtimes import cudasim as mod
-        except Exception:
-            return None
-    for name in ("cache_dir", "CACHE_DIR", "get_cache_dir", "kernel_cache_dir"):
-        v = getattr(mod, name, None)
-        if v is None:
-            continue
-        try:
-            v = v() if callable(v) else v
-        except Exception:
-            continue
-        if v:
-            return os.fspath(v)
-    return None
+    try:
+        from ._runtimes import cudasim
+        return os.fspath(cudasim.cache_dir())
+    except Exception:  # the emulator cannot import or has no writable cache here
+        return None
 
 
 def collect_info():

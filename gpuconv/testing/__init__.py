@@ -12,9 +12,9 @@ it is not imported here.
 """
 from __future__ import annotations
 
-import sys
-
 import numpy as np
+
+from .._dispatch import array_namespace
 
 __all__ = ["gradcheck", "tolerance", "assert_close", "rel_error", "to_numpy",
            "as_backend_array"]
@@ -27,10 +27,6 @@ __all__ = ["gradcheck", "tolerance", "assert_close", "rel_error", "to_numpy",
 _F64_TOL = 1e-12
 _F32_TOL = 1e-5
 _HALF_EPS_FACTOR = 2.0
-
-
-def _dtype_name(dtype) -> str:
-    return np.dtype(dtype).name
 
 
 def _half_eps(name: str) -> float:
@@ -63,7 +59,7 @@ def tolerance(dtype) -> float:
     >>> tolerance("float16") == 2 * 2.0 ** -10
     True
     """
-    name = _dtype_name(dtype)
+    name = np.dtype(dtype).name
     if name == "float64":
         return _F64_TOL
     if name == "float32":
@@ -82,10 +78,11 @@ def to_numpy(a):
     """
     if isinstance(a, np.ndarray):
         return a
-    cp = sys.modules.get("cupy")
-    if cp is not None and isinstance(a, cp.ndarray):
-        return cp.asnumpy(a)
-    return np.asarray(a)
+    try:
+        xp = array_namespace("to_numpy", a=a)
+    except TypeError:  # not an ndarray at all: numpy's conversion
+        return np.asarray(a)
+    return xp.asnumpy(a)
 
 
 def as_backend_array(a, backend: str):
@@ -164,7 +161,7 @@ def assert_close(actual, expected_f64, dtype, what: str = "result", *, scale=Non
         i = np.unravel_index(int(np.argmax(diff)), diff.shape) if diff.size else ()
         i = tuple(int(v) for v in i)
         raise AssertionError(
-            f"{what} ({_dtype_name(dtype)}): relative error {err:.3e} > tolerance {tol:.1e} "
+            f"{what} ({np.dtype(dtype).name}): relative error {err:.3e} > tolerance {tol:.1e} "
             f"(max|actual - ref| / max(max|ref|, scale), max|ref| = "
             f"{np.max(np.abs(e[fin]), initial=0):.6g}, scale = {scale}); "
             f"worst at index {i}: got {a64[i] if i or a64.ndim == 0 else None}, "
@@ -173,13 +170,6 @@ def assert_close(actual, expected_f64, dtype, what: str = "result", *, scale=Non
 
 
 # ----------------------------------------------------------------------------- gradcheck
-def _namespace(a):
-    cp = sys.modules.get("cupy")
-    if cp is not None and isinstance(a, cp.ndarray):
-        return cp
-    return np
-
-
 def _pick(rng, shape, points):
     """Flat indices to check: all of them when points is None or covers the array."""
     size = int(np.prod(shape, dtype=np.int64))
@@ -241,7 +231,7 @@ def gradcheck(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1
     elif not isinstance(rng, np.random.Generator):
         seed = int(rng)
         rng = np.random.default_rng(seed)
-    xp = _namespace(x)
+    xp = array_namespace("gradcheck", x=x, weight=weight, bias=bias, grad_out=grad_out)
     x = x.astype(np.float64)          # copies: the caller's arrays are never touched
     weight = weight.astype(np.float64)
     bias = None if bias is None else bias.astype(np.float64)
