@@ -229,10 +229,8 @@ def bench_layer(layer, *, backend="numpy", dtype="float32", batch=8, passes=PASS
 
 
 def _np_dtype(dtype):
-    if str(dtype) == "bfloat16":
-        import ml_dtypes
-        return np.dtype(ml_dtypes.bfloat16)
-    return np.dtype(dtype)
+    from ._geometry import resolve_dtype
+    return resolve_dtype(dtype)
 
 
 def run(layers=None, *, quick=False, backend="numpy", dtype="float32", batch=8, passes=PASSES,

@@ -7,8 +7,10 @@
 * :func:`to_numpy` and :func:`as_backend_array` -- move test data between host
   numpy arrays and the array type a backend runs on.
 
-The CUDA-on-CPU emulator is re-exported as :mod:`gpuconv.testing.cudasim`;
-it is not imported here.
+* :mod:`gpuconv.testing.selftest` -- the engine of ``python -m gpuconv selftest``.
+
+The CUDA-on-CPU emulator (:mod:`gpuconv._runtimes.cudasim`) is re-exported as
+:mod:`gpuconv.testing.cudasim`; it is not imported here.
 """
 from __future__ import annotations
 
