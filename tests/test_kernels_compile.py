@@ -13,7 +13,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from gpuconv._cuda import launch as LH
+from gpuconv._cuda import launch as launch_helper
 from gpuconv._cuda import sources as K
 from gpuconv._cuda.plans import dgrad_phases, geo_args as _geo_args, wgrad_plan
 from gpuconv._geometry import conv_geometry
@@ -114,31 +114,31 @@ def test_generated_config_matches_python_constants():
 # ----------------------------------------------------------------------------- launch arithmetic
 def test_grid_1d_caps_grid_and_stays_within_limits():
     for work in (0, 1, 255, 256, 257, 10**6, 2**31 - 1, 2**31, 2**40, 2**62):
-        cfg = LH.grid_1d(work)
-        LH.check_config(cfg)
+        cfg = launch_helper.grid_1d(work)
+        launch_helper.check_config(cfg)
         assert cfg.block == (256, 1, 1)
-        assert 1 <= cfg.grid[0] <= LH.MAX_BLOCKS_1D
-        if work <= LH.MAX_BLOCKS_1D * 256:
+        assert 1 <= cfg.grid[0] <= launch_helper.MAX_BLOCKS_1D
+        if work <= launch_helper.MAX_BLOCKS_1D * 256:
             assert cfg.grid[0] * 256 >= work  # one pass covers everything
             assert (cfg.grid[0] - 1) * 256 < max(work, 1)
 
 
 @pytest.mark.parametrize("cfg,msg", [
-    (LH.LaunchConfig((0, 1, 1), (256, 1, 1)), "grid[0]"),
-    (LH.LaunchConfig((2**31, 1, 1), (256, 1, 1)), "grid[0]"),
-    (LH.LaunchConfig((1, 65536, 1), (256, 1, 1)), "grid[1]"),
-    (LH.LaunchConfig((1, 1, 1), (2048, 1, 1)), "block[0]"),
-    (LH.LaunchConfig((1, 1, 1), (64, 32, 1)), "2048 threads"),
-    (LH.LaunchConfig((1, 1, 1), (1, 1, 65)), "block[2]"),
+    (launch_helper.LaunchConfig((0, 1, 1), (256, 1, 1)), "grid[0]"),
+    (launch_helper.LaunchConfig((2**31, 1, 1), (256, 1, 1)), "grid[0]"),
+    (launch_helper.LaunchConfig((1, 65536, 1), (256, 1, 1)), "grid[1]"),
+    (launch_helper.LaunchConfig((1, 1, 1), (2048, 1, 1)), "block[0]"),
+    (launch_helper.LaunchConfig((1, 1, 1), (64, 32, 1)), "2048 threads"),
+    (launch_helper.LaunchConfig((1, 1, 1), (1, 1, 65)), "block[2]"),
 ])
 def test_check_config_rejects_out_of_range_launches(cfg, msg):
     with pytest.raises(ValueError, match=re.escape(msg)):
-        LH.check_config(cfg)
+        launch_helper.check_config(cfg)
 
 
 def test_check_config_rejects_too_much_shared_memory():
     with pytest.raises(ValueError, match="shared_mem"):
-        LH.check_config(LH.LaunchConfig((1, 1, 1), (32, 1, 1)), shared_mem=1 << 20)
+        launch_helper.check_config(launch_helper.LaunchConfig((1, 1, 1), (32, 1, 1)), shared_mem=1 << 20)
 
 
 def test_launch_refuses_untyped_python_scalars():
@@ -146,15 +146,15 @@ def test_launch_refuses_untyped_python_scalars():
         def launch(self, *a):
             raise AssertionError("must not launch")
     with pytest.raises(TypeError, match="untyped Python scalar"):
-        LH.launch(Never(), None, LH.grid_1d(10), (np.int32(1), 5))
+        launch_helper.launch(Never(), None, launch_helper.grid_1d(10), (np.int32(1), 5))
 
 
 def test_int64_switch():
-    assert not LH.needs_int64(10, 2**20, LH.INT32_SAFE)
-    assert LH.needs_int64(10, LH.INT32_SAFE + 1)
-    assert LH.needs_int64(2**31)
+    assert not launch_helper.needs_int64(10, 2**20, launch_helper.INT32_SAFE)
+    assert launch_helper.needs_int64(10, launch_helper.INT32_SAFE + 1)
+    assert launch_helper.needs_int64(2**31)
     # the margin covers a grid-stride step past the end: idx + stride stays below 2^31
-    assert LH.INT32_SAFE + LH.MAX_BLOCKS_1D * LH.MAX_THREADS_PER_BLOCK <= 2**31 - 1
+    assert launch_helper.INT32_SAFE + launch_helper.MAX_BLOCKS_1D * launch_helper.MAX_THREADS_PER_BLOCK <= 2**31 - 1
 
 
 def test_backend_picks_i64_for_huge_tensors_without_launching():
@@ -182,9 +182,9 @@ def test_backend_picks_i64_for_huge_tensors_without_launching():
                                         (10**9, 10**9), (1, 2**40), (2**33, 8)])
 def test_wgrad_plan_covers_reduction_within_grid_limits(welems, red):
     gx, splits, chunk = wgrad_plan(welems, red)
-    LH.check_config(LH.LaunchConfig((gx, splits, 1), (256, 1, 1)))
+    launch_helper.check_config(launch_helper.LaunchConfig((gx, splits, 1), (256, 1, 1)))
     assert splits * chunk >= red and (splits - 1) * chunk < red  # no empty split
-    assert gx <= min(welems, LH.MAX_BLOCKS_1D)
+    assert gx <= min(welems, launch_helper.MAX_BLOCKS_1D)
 
 
 def test_geo_args_pad_lower_ranks_to_three_dims():

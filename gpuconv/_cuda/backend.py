@@ -14,7 +14,7 @@ import os
 import numpy as np
 
 from .. import _geometry as geo
-from . import launch as lh
+from . import launch
 from .plans import (THREADS, TILE_K, TILE_N, dgrad_phases, geo_args, m_tiles,
                     split_reduction, tile_smem, use_tiled, wgrad_plan)
 from .sources import ModuleCache
@@ -34,12 +34,12 @@ class CudaBackend:
     def _fn(self, pass_name, g, *sizes, kind=None):
         # GPUCONV_CUDA_INDEX=64 forces the 64-bit variants (tests run them on small data)
         force64 = os.environ.get("GPUCONV_CUDA_INDEX", "") == "64"
-        isuf = "i64" if force64 or lh.needs_int64(*sizes) else "i32"
+        isuf = "i64" if force64 or launch.needs_int64(*sizes) else "i32"
         name = f"gpuconv_{kind or pass_name}_{g.dtype_info.suffix}_{isuf}"
         return self.modules.function(pass_name, name), isuf
 
     def _grid_1d(self, work_items):
-        return lh.grid_1d(work_items, THREADS, max_blocks=self.rt.max_blocks_1d)
+        return launch.grid_1d(work_items, THREADS, max_blocks=self.rt.max_blocks_1d)
 
     # ------------------------------------------------------------------ passes
     def forward(self, x, w, bias, g):
@@ -56,12 +56,12 @@ class CudaBackend:
         if use_tiled(g):
             fn, _ = self._fn("fwd", g, xc.size, wc.size, total, kind="fwdtile")
             npq = g.N * math.prod(g.out_spatial)
-            cfg = lh.LaunchConfig((-(-npq // TILE_N), m_tiles(g), 1), (THREADS, 1, 1))
+            cfg = launch.LaunchConfig((-(-npq // TILE_N), m_tiles(g), 1), (THREADS, 1, 1))
             smem = tile_smem(g) + 16 * g.taps  # tiles + tap table
-            lh.launch(rt, fn, cfg, args, shared_mem=smem)
+            launch.launch(rt, fn, cfg, args, shared_mem=smem)
         else:
             fn, _ = self._fn("fwd", g, xc.size, wc.size, total)
-            lh.launch(rt, fn, self._grid_1d(total), args)
+            launch.launch(rt, fn, self._grid_1d(total), args)
         return y
 
     def input_grad(self, gy, w, g):
@@ -74,7 +74,7 @@ class CudaBackend:
             gx = rt.empty(g.x_shape, g.dtype)
             total = math.prod(g.x_shape)
             fn, _ = self._fn("dgrad", g, gyc.size, wc.size, total)
-            lh.launch(rt, fn, self._grid_1d(total),
+            launch.launch(rt, fn, self._grid_1d(total),
                       (gyc, wc, gx) + geo_args(g) + dgrad_phases(g))
         return gx
 
@@ -87,11 +87,11 @@ class CudaBackend:
             ntiles = -(-(g.Cg * g.taps) // TILE_N)
             mtiles = m_tiles(g)
             splits, chunk = split_reduction(ntiles * mtiles, red, 1024, 256, TILE_K)
-            cfg = lh.LaunchConfig((ntiles, mtiles, splits), (THREADS, 1, 1))
+            cfg = launch.LaunchConfig((ntiles, mtiles, splits), (THREADS, 1, 1))
             smem = tile_smem(g)
         else:
             grid_x, splits, chunk = wgrad_plan(welems, red, max_blocks=self.rt.max_blocks_1d)
-            cfg = lh.LaunchConfig((grid_x, splits, 1), (THREADS, 1, 1))
+            cfg = launch.LaunchConfig((grid_x, splits, 1), (THREADS, 1, 1))
             smem = (THREADS // 32) * g.accumulate_dtype.itemsize
         with rt.device_scope(x):
             xc, gyc = rt.ascontiguous(x), rt.ascontiguous(gy)
@@ -100,10 +100,10 @@ class CudaBackend:
             fn, isuf = self._fn("wgrad", g, xc.size, gyc.size, splits * welems,
                                 kind="wgradtile" if tiled else None)
             ityp = np.int64 if isuf == "i64" else np.int32
-            lh.launch(rt, fn, cfg, (xc, gyc, partial) + geo_args(g) + (ityp(chunk),),
+            launch.launch(rt, fn, cfg, (xc, gyc, partial) + geo_args(g) + (ityp(chunk),),
                       shared_mem=smem)
             red_fn = self.modules.function(
                 "wgrad", f"gpuconv_wgrad_reduce_{g.dtype_info.suffix}")
-            lh.launch(rt, red_fn, self._grid_1d(welems),
+            launch.launch(rt, red_fn, self._grid_1d(welems),
                       (partial, gw, np.int64(welems), np.int32(splits)))
         return gw

@@ -12,9 +12,9 @@ import numpy as np
 
 from .. import _geometry as geo
 from .._runtimes.limits import INT32_LIMIT, MAX_BLOCKS_1D, MAX_GRID
+from .launch import DEFAULT_THREADS as THREADS  # every kernel's block size
 from .sources import TILE_K, TILE_M, TILE_N
 
-THREADS = 256  # every kernel's block size
 # the tiled forward keeps a per-tap offset table (16 bytes a tap) in shared memory
 MAX_TAPS = 512
 
