@@ -26,6 +26,9 @@ import pytest
 # (forward, reverse, random, one warp at a time): a missing barrier shows under
 # some orders and not others.  An explicit GPUCONV_CUDASIM_SCHEDULE wins.
 os.environ.setdefault("GPUCONV_CUDASIM_SCHEDULE", "cycle")
+# On a GPU, every array the cupy runtime allocates for a kernel to write is filled with
+# NaN bytes first (read once, when the runtime is made), as the emulator does.
+os.environ.setdefault("GPUCONV_POISON_OUTPUTS", "1")
 
 import gpuconv
 from gpuconv import testing as gt

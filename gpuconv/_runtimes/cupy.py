@@ -1,6 +1,8 @@
 """The device runtime on a real GPU, through CuPy (RawModule, NVRTC, CuPy's disk cache)."""
 from __future__ import annotations
 
+import os
+
 from . import DeviceRuntime
 
 
@@ -13,6 +15,10 @@ class CupyRuntime(DeviceRuntime):
         import cupy
         self.xp = cupy
         self._cp = cupy
+        # GPUCONV_POISON_OUTPUTS=1 (tests, benchmarks/gpu_check.sh): every array made by
+        # empty() is filled with all-ones bytes (NaN in every float type) before a
+        # kernel writes it, as the emulator does, so an unwritten element shows up.
+        self.poison_outputs = os.environ.get("GPUCONV_POISON_OUTPUTS", "").strip() == "1"
 
     def device_key(self):
         return self._cp.cuda.Device().id
@@ -29,7 +35,10 @@ class CupyRuntime(DeviceRuntime):
         fn(grid, block, args, shared_mem=shared_mem)
 
     def empty(self, shape, dtype):
-        return self._cp.empty(shape, dtype=dtype)
+        a = self._cp.empty(shape, dtype=dtype)
+        if self.poison_outputs:
+            a.reshape(-1).view(self._cp.uint8).fill(0xFF)  # on the current stream: capturable
+        return a
 
     def ascontiguous(self, a):
         return self._cp.ascontiguousarray(a)
