@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""Per-call host (Python) overhead of the CUDA backend path, measured without a GPU.
+
+What is timed: the real public call (``gpuconv.conv`` / ``conv_input_grad`` /
+``conv_weight_grad``: argument checks, array-namespace detection, geometry,
+backend dispatch, the CUDA backend's plan, output allocation and the launch
+helper ``_kernels.launch``) driven through :class:`CountingRuntime`, a device
+runtime that implements the runtime protocol on the host and *counts* launches
+instead of running them.  Nothing is compiled or executed; the kernels' sources
+are read once for the module cache.
+
+What it is not: CuPy's own per-call costs.  Here ``empty`` hands out a cached
+host buffer (like CuPy's memory pool hands out a cached block) and ``launch``
+appends to a counter, where CuPy allocates from its pool (a few us) and packs the
+kernel arguments for cuLaunchKernel (several us).  Those are measured on the GPU
+by ``benchmarks/gpu_check.sh`` (the ``host_us`` column: the Python call with the
+real CuPy runtime, no synchronisation) and by ``--runtime cupy`` here.
+
+Where the time goes: each stage is also timed on its own (the same calls the
+public function makes, in a loop of their own), and cProfile's top functions for
+the whole call are listed.  Medians of several rounds of many calls.
+
+Usage (repository root)::
+
+    python benchmarks/host_overhead.py [--quick] [--json FILE] [--runtime counting|cupy]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import cProfile
+import io
+import json
+import math
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+
+class CountingRuntime:
+    """Device-runtime protocol on the host: launches are counted, never run.
+
+    ``empty`` returns an uninitialised view of a cached host buffer per (shape, dtype):
+    no page faults or mmap per call, as a warm device memory pool.  ``launches``
+    counts entry-point names (and 'copy' for the copies ``ascontiguous`` stands in
+    for); ``last`` keeps the last launch (grid, block, shared).
+    """
+
+    name = "counting"
+
+    def __init__(self):
+        self.xp = np
+        self.launches = collections.Counter()
+        self.last = None
+        self._buffers = {}
+
+    def device_key(self):
+        return 0
+
+    def build(self, source, names, options):
+        return {"names": frozenset(names)}
+
+    def get_function(self, module, name):
+        if name not in module["names"]:
+            raise KeyError(f"entry point {name!r} is not in its module")
+        return name
+
+    def launch(self, fn, grid, block, args, shared_mem):
+        self.launches[fn] += 1
+        self.last = (fn, grid, block, shared_mem)
+
+    def empty(self, shape, dtype):
+        key = (tuple(shape), np.dtype(dtype))
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = np.empty(shape, dtype)
+        return buf.view()
+
+    def ascontiguous(self, a):
+        """As on the device: a contiguous array passes through; anything else is copied
+        by a kernel, so here it is counted as a launch ('copy') and a cached buffer is
+        returned (never a host copy, whose cost would be the array's size)."""
+        if a.flags.c_contiguous:
+            return a
+        self.launches["copy"] += 1
+        return self.empty(a.shape, a.dtype)
+
+
+@contextlib.contextmanager
+def counting_backend():
+    """Route ``backend='cudasim'`` calls through a CudaBackend on a CountingRuntime for
+    the duration (the dispatcher's instance table is patched and restored).  Yields
+    the backend."""
+    from gpuconv import _dispatch
+    from gpuconv._cuda_backend import CudaBackend
+    be = CudaBackend(CountingRuntime())
+    saved = _dispatch._instances.get("cudasim", None)
+    _dispatch._instances["cudasim"] = be
+    try:
+        yield be
+    finally:
+        if saved is None:
+            _dispatch._instances.pop("cudasim", None)
+        else:
+            _dispatch._instances["cudasim"] = saved
+
+
+def launched_families(layer_kwargs, pass_name, x_shape, w_shape, dtype, env=None):
+    """Entry-point families (names without dtype/index suffix) that one call launches,
+    found by running the CUDA backend's plan on the counting runtime."""
+    import gpuconv
+    env = env or {}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        with counting_backend() as be:
+            x, w, gy = _arrays(x_shape, w_shape, layer_kwargs, dtype)
+            _call(gpuconv, pass_name, x, w, gy, layer_kwargs, "cudasim")()
+            return sorted({entry_family(n) for n in be.rt.launches})
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def entry_family(name: str) -> str:
+    """'gpuconv_fwdtile_f32_i32' -> 'fwdtile'; 'gpuconv_wgrad_reduce_bf16' -> 'wgrad_reduce'."""
+    from gpuconv import _kernels as K
+    drop = {s for s, _ in K.DTYPES.values()} | {"i32", "i64"}
+    parts = name.split("_")
+    if parts and parts[0] == "gpuconv":
+        parts = parts[1:]
+    return "_".join(p for p in parts if p not in drop)
+
+
+def _arrays(x_shape, w_shape, kw, dtype, xp=np, rng=None):
+    from gpuconv import _geometry
+    rng = rng or np.random.default_rng(0)
+    g = _geometry.conv_geometry("overhead", tuple(x_shape), tuple(w_shape), dtype=np.dtype(dtype),
+                                **kw)
+
+    def make(shape):
+        return xp.asarray(rng.standard_normal(shape).astype(np.float32).astype(dtype))
+    return make(g.x_shape), make(g.w_shape), make(g.y_shape)
+
+
+def _call(gpuconv, pass_name, x, w, gy, kw, backend):
+    if pass_name == "forward":
+        return lambda: gpuconv.conv(x, w, backend=backend, **kw)
+    if pass_name == "input_grad":
+        return lambda: gpuconv.conv_input_grad(gy, w, x.shape, backend=backend, **kw)
+    return lambda: gpuconv.conv_weight_grad(x, gy, w.shape, backend=backend, **kw)
+
+
+def _per_call_us(fn, calls, rounds):
+    """Median over rounds of the mean microseconds per call in a loop of `calls`."""
+    fn()
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        out.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(out), min(out), max(out)
+
+
+def _stages(gpuconv, be, pass_name, x, w, gy, kw, backend):
+    """(name, callable) for each stage of one call, in the order the call runs them."""
+    from gpuconv import _api, _dispatch
+    from gpuconv import _cuda_backend as CB
+    from gpuconv import _geometry as geo
+    from gpuconv import _kernels as K
+    op = {"forward": "conv", "input_grad": "conv_input_grad",
+          "weight_grad": "conv_weight_grad"}[pass_name]
+    a, b = (x, w) if pass_name == "forward" else ((gy, w) if pass_name == "input_grad"
+                                                  else (x, gy))
+    g = _api._geometry(op, x.shape, w.shape, kw["stride"], kw["padding"], kw["dilation"],
+                       kw["groups"], x.dtype)
+    geo_args = CB._geo_args(g)
+    cfg = K.grid_1d(math.prod(g.y_shape))
+    fn_name = f"gpuconv_fwd_{K.DTYPES[np.dtype(g.dtype).name][0]}_i32"
+    rt = be.rt
+    backend_pass = {"forward": lambda: be.forward(x, w, None, g),
+                    "input_grad": lambda: be.input_grad(gy, w, g),
+                    "weight_grad": lambda: be.weight_grad(x, gy, g)}[pass_name]
+    st = [
+        ("array_namespace", lambda: _dispatch.array_namespace(op, a=a, b=b)),
+        ("check_dtype", lambda: geo.check_dtype(op, {"a": a, "b": b})),
+        ("conv_geometry", lambda: _api._geometry(op, x.shape, w.shape, kw["stride"],
+                                                 kw["padding"], kw["dilation"], kw["groups"],
+                                                 x.dtype)),
+        ("get_backend", lambda: _dispatch.get_backend(op, "numpy" if rt.xp is np else "cupy",
+                                                      backend)),
+        ("backend pass (plan + alloc + launch)", backend_pass),
+        ("  use_tiled(g)", lambda: CB.use_tiled(g)),
+        ("  _geo_args(g)", lambda: CB._geo_args(g)),
+        ("  module function lookup", lambda: be.modules.function("fwd", fn_name)),
+        ("  runtime.empty(out)", lambda: rt.empty(g.y_shape, g.dtype)),
+        ("  _kernels.launch (checks + runtime.launch)",
+         lambda: K.launch(_NullLaunch, fn_name, cfg, (a, b) + geo_args)),
+    ]
+    g2 = CB.dgrad_as_forward(g) if pass_name == "input_grad" else None
+    if g2 is not None and CB.use_tiled(g2):
+        st.append(("  flip_weight + ascontiguous (the copy is a kernel on the GPU)",
+                   lambda: rt.ascontiguous(CB.flip_weight(be.xp, w, g))))
+    return st
+
+
+class _NullLaunch:
+    """Runtime stand-in for timing the launch helper alone (runtime.launch is free)."""
+
+    @staticmethod
+    def launch(fn, grid, block, args, shared_mem):
+        return None
+
+
+def measure(layers=None, *, dtype="float32", batch=32, calls=300, rounds=7, runtime="counting",
+            profile=True):
+    """Rows (dicts): per layer and pass the full-call microseconds, each stage's, the
+    launches per call and cProfile's top functions."""
+    import gpuconv
+    from gpuconv import _bench
+    by_name = {L["name"]: L for L in _bench.LAYERS}
+    names = layers or ["r50.res2.3x3", "r50.res5.1x1", "mbv2.dw3x3.56", "convnext.dw7x7.56"]
+    rows = []
+    if runtime == "cupy":
+        import cupy
+        from gpuconv import _dispatch
+        be = _dispatch._instance("cupy")
+        ctx, xp, backend = contextlib.nullcontext(be), cupy, None
+    else:
+        ctx, xp, backend = counting_backend(), np, "cudasim"
+    with ctx as be:
+        for name in names:
+            L = by_name[name]
+            kw = dict(stride=L["stride"], padding=L["padding"], dilation=L["dilation"],
+                      groups=L["groups"])
+            x, w, gy = _arrays((batch,) + tuple(L["x"]), L["w"], kw, _np_dtype(dtype), xp=xp)
+            for p in _bench.PASSES:
+                wp = _weight_for(p, w, kw, x.shape, runtime)
+                fn = _call(gpuconv, p, x, wp, gy, kw, backend)
+                if runtime == "counting":
+                    be.rt.launches.clear()
+                    fn()
+                    launches = dict(be.rt.launches)
+                else:
+                    launches = None
+                med, lo, hi = _per_call_us(fn, calls, rounds)
+                if runtime == "cupy":
+                    xp.cuda.Device().synchronize()
+                stages = []
+                for sname, sfn in _stages(gpuconv, be, p, x, wp, gy, kw, backend):
+                    smed = _per_call_us(sfn, calls, max(3, rounds // 2))[0]
+                    stages.append({"stage": sname, "us": smed})
+                    if runtime == "cupy":
+                        xp.cuda.Device().synchronize()
+                row = {"layer": name, "pass": p, "dtype": dtype, "batch": batch,
+                       "runtime": runtime, "call_us": med, "call_us_min": lo, "call_us_max": hi,
+                       "launches": launches, "stages": stages}
+                if profile:
+                    row["profile_top"] = _profile(fn, calls)
+                    if runtime == "cupy":
+                        xp.cuda.Device().synchronize()
+                rows.append(row)
+    return rows
+
+
+def _weight_for(pass_name, w, kw, x_shape, runtime):
+    """The weight to pass.  Where the input gradient runs as a forward convolution of
+    the flipped weight, numpy would make the flipped copy on the host (its cost grows
+    with the weight: 7 ms for 4 MB), where CuPy queues a copy kernel.  So on the
+    counting runtime that weight is a zero-stride view: the flip stays a view and the
+    backend's ascontiguous() counts the copy as a launch."""
+    if runtime != "counting" or pass_name != "input_grad":
+        return w
+    from gpuconv import _cuda_backend as CB
+    from gpuconv import _geometry
+    g = _geometry.conv_geometry("overhead", x_shape, w.shape, dtype=w.dtype, **kw)
+    g2 = CB.dgrad_as_forward(g)
+    if g2 is None or not CB.use_tiled(g2):
+        return w
+    return np.lib.stride_tricks.as_strided(w.reshape(-1)[:1],
+                                           shape=w.shape, strides=(0,) * w.ndim,
+                                           writeable=False)
+
+
+def _np_dtype(dtype):
+    if str(dtype) == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(dtype)
+
+
+def _profile(fn, calls, top=8):
+    """[(function, tottime us per call, ncalls per call)] of the top functions by tottime."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        fn()
+    pr.disable()
+    st = pstats.Stats(pr, stream=io.StringIO())
+    out = []
+    for (file, line, func), (cc, nc, tt, ct, callers) in st.stats.items():
+        where = f"{Path(file).name}:{line}({func})" if file != "~" else func
+        out.append((where, tt / calls * 1e6, nc / calls))
+    out.sort(key=lambda r: -r[1])
+    return [{"function": f, "tottime_us": round(t, 2), "calls": round(n, 2)} for f, t, n in out[:top]]
+
+
+def format_rows(rows):
+    lines = ["| layer | pass | runtime | call us (min-max) | launches | biggest stages (us) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        st = sorted((s for s in r["stages"] if not s["stage"].startswith("  ")),
+                    key=lambda s: -s["us"])
+        sub = sorted((s for s in r["stages"] if s["stage"].startswith("  ")),
+                     key=lambda s: -s["us"])
+        desc = "; ".join(f"{s['stage']} {s['us']:.1f}" for s in st[:3])
+        desc += " | inside: " + "; ".join(f"{s['stage'].strip()} {s['us']:.1f}" for s in sub[:3])
+        la = "-" if r["launches"] is None else sum(r["launches"].values())
+        lines.append(f"| {r['layer']} | {r['pass']} | {r['runtime']} | {r['call_us']:.1f} "
+                     f"({r['call_us_min']:.1f}-{r['call_us_max']:.1f}) | {la} | {desc} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runtime", choices=("counting", "cupy"), default="counting")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--quick", action="store_true", help="fewer calls (a few seconds)")
+    ap.add_argument("--layers", nargs="*")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    calls, rounds = (60, 3) if args.quick else (300, 7)
+    rows = measure(args.layers, dtype=args.dtype, batch=args.batch, calls=calls, rounds=rounds,
+                   runtime=args.runtime)
+    if args.json:
+        from gpuconv import _bench
+        doc = {"environment": _bench.environment_info(), "calls": calls, "rounds": rounds,
+               "rows": rows}
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+    print(format_rows(rows))
+    for r in rows[:1] + rows[-1:]:
+        print(f"\ncProfile top (us per call) for {r['layer']} {r['pass']}:")
+        for f in r.get("profile_top", []):
+            print(f"  {f['tottime_us']:7.2f}  x{f['calls']:<5g} {f['function']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
