@@ -1,0 +1,162 @@
+"""benchmarks/gpu_check.sh without a GPU: the dry run plans every measurement within the
+time budget, the report prints every planned row (measured or not) with the summary
+table last, and the host-overhead driver counts the launches a call makes."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import gpu_check  # noqa: E402
+import host_overhead  # noqa: E402
+
+from gpuconv import _bench  # noqa: E402
+from gpuconv import _kernels as K  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    path = tmp_path_factory.mktemp("plan") / "plan.json"
+    env = dict(os.environ, PYTHON=sys.executable)
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--dry-run", str(path)],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(path.read_text()), r.stdout
+
+
+def test_dry_run_plans_every_layer_pass_and_dtype(dry_run):
+    plan, out = dry_run
+    want = {(L["name"], p, dt) for L in _bench.LAYERS for p in gpu_check.PASSES
+            for dt in gpu_check.DTYPES}
+    got = {(r["layer"], r["pass"], r["dtype"]) for r in plan["rows"]}
+    assert got == want
+    assert len(plan["rows"]) == len(want)  # none twice
+    # the depthwise layers (MobileNetV2 3x3, ConvNeXt 7x7) are in the plan
+    assert {"mbv2.dw3x3.56", "convnext.dw7x7.56"} <= {r["layer"] for r in plan["rows"]
+                                                      if r["group"] == "depthwise"}
+    # every planned row appears in the printed skeleton, and the summary comes last
+    skeleton = out[out.index("== table skeleton"):]
+    for L, p, dt in want:
+        assert re.search(rf"^\| {re.escape(L)} \| {p} \| {dt} \| .*\| not run \|$", skeleton,
+                         re.M), (L, p, dt)
+    tail = out.strip().splitlines()
+    assert tail[-1].startswith("| depthwise | weight_grad | bfloat16 |")
+    assert any(line.startswith("GPU-CHECK-JSON ") for line in tail[-20:])
+
+
+def test_dry_run_measurement_method(dry_run):
+    plan, _ = dry_run
+    l2 = plan["l2_bytes"]
+    for r in plan["rows"]:
+        assert 32 <= r["batch"] <= 64, r["id"]
+        assert r["replays"] >= 20 and r["eager"] >= 20, r["id"]
+        assert r["sets"] >= 3, r["id"]
+        # rotated inputs exceed the L2 (twice over unless the set count is capped)
+        assert r["rotated_bytes"] > l2, r["id"]
+        assert r["rotated_bytes"] >= 2 * l2 or r["sets"] == gpu_check.MAX_SETS, r["id"]
+        assert r["flops"] > 0 and r["bytes"] > 0 and r["planned_s"] > 0
+        assert r["graph_out_bytes"] + 2 * r["rotated_bytes"] < 8 * 2**30  # fits with room
+
+
+def test_dry_run_fits_the_time_budget(dry_run):
+    plan, out = dry_run
+    steps = {s["step"]: s for s in plan["steps"]}
+    assert {"env", "ceilings", "precompile", "tests", "memcheck", "racecheck", "bench",
+            "report"} <= set(steps)
+    names = [s["step"] for s in plan["steps"]]
+    assert names.index("ceilings") < names.index("bench")  # ceilings first
+    assert names[-1] == "report"
+    assert plan["planned_total_s"] <= 360  # about 6 minutes
+    assert plan["bench_rows_planned_s"] <= steps["bench"]["planned_s"]
+    assert plan["global_limit_s"] <= 480  # the script caps every step so it never passes 8 min
+    for s in plan["steps"]:
+        assert 0 < s["planned_s"] <= s["timeout_s"] <= plan["global_limit_s"]
+
+
+def test_every_kernel_family_has_a_sanitizer_case(dry_run):
+    plan, _ = dry_run
+    sp = plan["sanitizer_cases"]
+    families = {host_overhead.entry_family(n) for n in K.all_entry_names()}
+    assert set(sp["families"]) == families
+    assert sp["uncovered"] == []
+
+
+def test_steps_are_shell_assignments():
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "steps"],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0
+    text = r.stdout
+    for name, planned, timeout, _ in gpu_check.STEPS:
+        assert f"PLAN_{name}={planned}; TIMEOUT_{name}={timeout}" in text
+    assert f"GLOBAL_LIMIT={gpu_check.GLOBAL_LIMIT_S}" in text
+
+
+def _spread(ms):
+    return {"median": ms, "p10": ms, "p90": ms, "min": ms, "max": ms, "n": 24, "spread": 0.0}
+
+
+def test_report_on_partial_results_derives_rows_and_marks_the_rest(tmp_path, capsys):
+    ceil = {"copy_GBps": 4000.0, "matmul_GFLOPs": {"float32": 50000.0, "bfloat16": 800000.0,
+                                                  "float16": 800000.0}}
+    (tmp_path / "ceilings.json").write_text(json.dumps(ceil))
+    rows = gpu_check.plan_rows()
+    row = next(r for r in rows if r["id"] == "convnext.dw7x7.56|forward|float32")
+    impl = {"timing": "graph", "stream_ms": 2.1, "eager_ms": _spread(2.2),
+            "host_us": _spread(45.0)}
+    rec = {"id": row["id"], "status": "ok", "gpuconv": {**impl, "device_ms": _spread(2.0)},
+           "torch": {**impl, "device_ms": _spread(1.0)}}
+    (tmp_path / "bench.jsonl").write_text(
+        json.dumps(rec) + "\n" + json.dumps({"id": rows[0]["id"], "status": "skipped: deadline"})
+        + "\n")
+    (tmp_path / "steps.tsv").write_text("bench\ttimeout\t170\t170\n")
+    full = gpu_check.report(str(tmp_path))
+    out = capsys.readouterr().out
+    d = next(r for r in full["rows"] if r["id"] == row["id"])["derived"]
+    assert d["ratio"] == pytest.approx(0.5)
+    assert d["gpuconv"]["GFLOPs"] == pytest.approx(row["flops"] / 2e-3 / 1e9)
+    assert d["gpuconv"]["GBps"] == pytest.approx(row["bytes"] / 2e-3 / 1e9)
+    t_floor = max(row["bytes"] / 4000e9, row["flops"] / 50000e9)
+    assert d["gpuconv"]["frac"] == pytest.approx(t_floor / 2e-3)
+    assert re.search(r"^\| convnext\.dw7x7\.56 \| forward \| float32 \| .* \| 0\.50 \| .* \| ok \|$",
+                     out, re.M)
+    assert re.search(rf"^\| {re.escape(rows[0]['layer'])} \| forward \| float32 \| .*"
+                     rf"skipped: deadline \|$", out, re.M)
+    summ = next(s for s in full["summary"] if (s["group"], s["pass"], s["dtype"])
+                == ("depthwise", "forward", "float32"))
+    assert summ["measured"] == 1 and summ["ratio_geomean"] == pytest.approx(0.5)
+    js = json.loads(next(line for line in out.splitlines()
+                         if line.startswith("GPU-CHECK-JSON "))[len("GPU-CHECK-JSON "):])
+    assert js["rows_measured"] == 1 and js["steps"]["bench"]["rc"] == "timeout"
+    assert out.strip().splitlines()[-1].startswith("| depthwise | weight_grad | bfloat16 |")
+    assert (tmp_path / "gpu_check.json").exists()
+
+
+def test_host_overhead_counts_the_launches_of_each_pass():
+    rows = host_overhead.measure(["r50.res2.3x3", "mbv2.dw3x3.56"], batch=2, calls=3, rounds=1,
+                                 profile=False)
+    by = {(r["layer"], r["pass"]): r for r in rows}
+    assert set(by) == {(L, p) for L in ("r50.res2.3x3", "mbv2.dw3x3.56")
+                       for p in _bench.PASSES}
+    fam = {k: {host_overhead.entry_family(n) for n in r["launches"]} for k, r in by.items()}
+    known = {host_overhead.entry_family(n) for n in K.all_entry_names()} | {"copy"}
+    for k, f in fam.items():
+        assert f and f <= known, k
+    # the dense 3x3 runs on the implicit-GEMM tiles: one launch forward, the input
+    # gradient as a forward of the flipped weight (its copy counted), split weight
+    # gradient plus its fixed-order reduction
+    assert by[("r50.res2.3x3", "forward")]["launches"] == {"gpuconv_fwdtile_f32_i32": 1}
+    assert fam[("r50.res2.3x3", "input_grad")] == {"fwdtile", "copy"}
+    assert fam[("r50.res2.3x3", "weight_grad")] == {"wgradtile", "wgrad_reduce"}
+    for r in rows:
+        assert r["call_us"] > 0
+        assert r["stages"] and all(s["us"] > 0 for s in r["stages"])
