@@ -206,11 +206,20 @@ def _stages(gpuconv, be, pass_name, x, w, gy, kw, backend):
         ("backend pass (plan + alloc + launch)", backend_pass),
         ("  use_tiled(g)", lambda: CB.use_tiled(g)),
         ("  _geo_args(g)", lambda: CB._geo_args(g)),
+        ("  _fn (env + index width + name + lookup)",
+         lambda: be._fn("fwd", g, a.size, b.size, math.prod(g.y_shape))),
         ("  module function lookup", lambda: be.modules.function("fwd", fn_name)),
+        ("  grid_1d", lambda: K.grid_1d(math.prod(g.y_shape), max_blocks=be._max_blocks())),
         ("  runtime.empty(out)", lambda: rt.empty(g.y_shape, g.dtype)),
         ("  _kernels.launch (checks + runtime.launch)",
          lambda: K.launch(_NullLaunch, fn_name, cfg, (a, b) + geo_args)),
     ]
+    if pass_name == "input_grad":
+        st.append(("  dgrad_as_forward(g)", lambda: CB.dgrad_as_forward(g)))
+        st.append(("  dgrad_phases(g)", lambda: CB.dgrad_phases(g)))
+    if pass_name == "weight_grad":
+        red = g.N * math.prod(g.out_spatial)
+        st.append(("  wgrad_plan", lambda: CB.wgrad_plan(math.prod(g.w_shape), red)))
     g2 = CB.dgrad_as_forward(g) if pass_name == "input_grad" else None
     if g2 is not None and CB.use_tiled(g2):
         st.append(("  flip_weight + ascontiguous (the copy is a kernel on the GPU)",
@@ -227,7 +236,7 @@ class _NullLaunch:
 
 
 def measure(layers=None, *, dtype="float32", batch=32, calls=300, rounds=7, runtime="counting",
-            profile=True):
+            profile=True, wait_idle=0.0):
     """Rows (dicts): per layer and pass the full-call microseconds, each stage's, the
     launches per call and cProfile's top functions."""
     import gpuconv
@@ -249,6 +258,7 @@ def measure(layers=None, *, dtype="float32", batch=32, calls=300, rounds=7, runt
                       groups=L["groups"])
             x, w, gy = _arrays((batch,) + tuple(L["x"]), L["w"], kw, _np_dtype(dtype), xp=xp)
             for p in _bench.PASSES:
+                busy = _bench.wait_for_idle(wait_idle) if wait_idle else None
                 wp = _weight_for(p, w, kw, x.shape, runtime)
                 fn = _call(gpuconv, p, x, wp, gy, kw, backend)
                 if runtime == "counting":
@@ -266,8 +276,10 @@ def measure(layers=None, *, dtype="float32", batch=32, calls=300, rounds=7, runt
                     stages.append({"stage": sname, "us": smed})
                     if runtime == "cupy":
                         xp.cuda.Device().synchronize()
+                top = sum(s["us"] for s in stages if not s["stage"].startswith("  "))
                 row = {"layer": name, "pass": p, "dtype": dtype, "batch": batch,
                        "runtime": runtime, "call_us": med, "call_us_min": lo, "call_us_max": hi,
+                       "unattributed_us": med - top, "other_cpu_busy": busy,
                        "launches": launches, "stages": stages}
                 if profile:
                     row["profile_top"] = _profile(fn, calls)
@@ -320,8 +332,8 @@ def _profile(fn, calls, top=8):
 
 
 def format_rows(rows):
-    lines = ["| layer | pass | runtime | call us (min-max) | launches | biggest stages (us) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| layer | pass | runtime | call us (min-max) | launches | biggest stages (us) |"
+             " unattributed us |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         st = sorted((s for s in r["stages"] if not s["stage"].startswith("  ")),
                     key=lambda s: -s["us"])
@@ -331,7 +343,8 @@ def format_rows(rows):
         desc += " | inside: " + "; ".join(f"{s['stage'].strip()} {s['us']:.1f}" for s in sub[:3])
         la = "-" if r["launches"] is None else sum(r["launches"].values())
         lines.append(f"| {r['layer']} | {r['pass']} | {r['runtime']} | {r['call_us']:.1f} "
-                     f"({r['call_us_min']:.1f}-{r['call_us_max']:.1f}) | {la} | {desc} |")
+                     f"({r['call_us_min']:.1f}-{r['call_us_max']:.1f}) | {la} | {desc} | "
+                     f"{r['unattributed_us']:.1f} |")
     return "\n".join(lines)
 
 
@@ -343,10 +356,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer calls (a few seconds)")
     ap.add_argument("--layers", nargs="*")
     ap.add_argument("--json")
+    ap.add_argument("--wait-idle", type=float, default=0.0,
+                    help="before each row wait up to this many seconds for other processes "
+                         "to use < 10%% of the CPUs")
     args = ap.parse_args(argv)
     calls, rounds = (60, 3) if args.quick else (300, 7)
     rows = measure(args.layers, dtype=args.dtype, batch=args.batch, calls=calls, rounds=rounds,
-                   runtime=args.runtime)
+                   runtime=args.runtime, wait_idle=args.wait_idle)
     if args.json:
         from gpuconv import _bench
         doc = {"environment": _bench.environment_info(), "calls": calls, "rounds": rounds,
