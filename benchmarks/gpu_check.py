@@ -65,6 +65,7 @@ ASSUMED_CEILINGS = {"copy_GBps": 4300.0,
 # planning assumptions for the time budget (pessimistic fractions of the roofline)
 ASSUMED_EFFICIENCY = {"gpuconv": 0.08, "torch": 0.3}
 ROW_FIXED_S = {"gpuconv": 0.03, "torch": 0.25}   # capture, allocation; cuDNN autotuning
+ROW_CAP_S = 10.0                 # a row whose remaining calls would take longer is cut short
 
 # name, planned seconds, timeout seconds, what it does.  The shell script reads these
 # (``steps``); the whole script never runs past GLOBAL_LIMIT_S.
@@ -380,15 +381,26 @@ class _Impl:
         self.res = {}
 
 
+class _TooSlow(Exception):
+    pass
+
+
 def _cupy_prepare(impl, stream):
     """Warm up, eager timings, then capture one graph of one call per set on `stream`."""
     import cupy
     calls = impl.calls
     with stream:
         outs = [f() for f in calls]  # warm-up; fills the pool on this stream
+        stream.synchronize()
+        t0 = time.perf_counter()
         outs += [f() for f in calls]
         stream.synchronize()
+        per_call = (time.perf_counter() - t0) / len(calls)
         del outs
+        left_calls = EAGER + (STREAM_ROUNDS + 1 + REPLAYS) * len(calls)
+        if per_call * left_calls > ROW_CAP_S:
+            raise _TooSlow(f"{per_call * 1e3:.1f} ms per call: {left_calls} more calls would "
+                           f"pass the row cap of {ROW_CAP_S:.0f} s")
         eager, host = [], []
         for i in range(EAGER):
             a, b = cupy.cuda.Event(), cupy.cuda.Event()
@@ -604,7 +616,11 @@ def measure_row(row, seed):
         csets = _cupy_data(row, seed)
     impls = [_Impl("gpuconv", _gpuconv_calls(row, csets), "cupy")]
     cs = cupy.cuda.Stream(non_blocking=True)
-    _cupy_prepare(impls[0], cs)
+    try:
+        _cupy_prepare(impls[0], cs)
+    except _TooSlow as e:
+        res["status"] = f"skipped: too slow ({e})"
+        return res
     if tsets is not None:
         import torch
         ts = torch.cuda.Stream()
@@ -834,6 +850,13 @@ def report(out_dir, planned=None):
                                                      if "torch" in d]) if any(
                  "torch" in d for _, d in got) else None,
              "host_us_median": statistics.median([d["gpuconv"]["host_us"] for _, d in got])
+             if got else None,
+             "torch_host_us_median": statistics.median([d["torch"]["host_us"] for _, d in got
+                                                        if "torch" in d]) if any(
+                 "torch" in d for _, d in got) else None,
+             # back-to-back eager calls over graph replay: > 1 where the host is the limit
+             "eager_over_graph_median": statistics.median(
+                 [d["gpuconv"]["stream_ms"] / d["gpuconv"]["ms"] for _, d in got])
              if got else None}
         summary.append(s)
     steps = _read_steps(out_dir) if out_dir else {}
@@ -860,13 +883,14 @@ def report(out_dir, planned=None):
     print("GPU-CHECK-JSON " + json.dumps(compact, default=str, separators=(",", ":")))
     print()
     print("| group | pass | dtype | rows | ratio vs torch (geomean) | GFLOP/s | GB/s | "
-          "frac of ceiling (median; torch) | host us |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "frac of ceiling (median; torch) | host us | eager/graph |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in summary:
         print(f"| {s['group']} | {s['pass']} | {s['dtype']} | {s['measured']}/{s['rows']} | "
               f"{_fmt(s['ratio_geomean'], '.2f')} | {_fmt(s['GFLOPs'], '.0f')} | "
               f"{_fmt(s['GBps'], '.0f')} | {_fmt(s['frac_median'], '.3f')}; "
-              f"{_fmt(s['torch_frac_median'], '.3f')} | {_fmt(s['host_us_median'], '.0f')} |")
+              f"{_fmt(s['torch_frac_median'], '.3f')} | {_fmt(s['host_us_median'], '.0f')} | "
+              f"{_fmt(s['eager_over_graph_median'], '.2f')} |")
     return full
 
 
