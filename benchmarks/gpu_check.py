@@ -773,6 +773,9 @@ def _parse_sanitizer(out_dir, tool):
     text = p.read_text(errors="replace")
     if text.startswith("SKIPPED"):
         return {"status": text.strip().splitlines()[0]}
+    if re.search(r"device not supported|not supported on this device|Target application "
+                 r"returned an error.*\n.*999", text, re.I):
+        return {"status": "skipped: compute-sanitizer refused the device"}
     done = re.search(r"SANITIZE-CASES-DONE (\d+) cases, (\d+) wrong", text)
     summ = re.search(r"(ERROR|RACECHECK) SUMMARY: (\d+) (error|hazard)", text)
     cases = len(re.findall(r"^CASE ", text, re.M))
@@ -867,7 +870,20 @@ def report(out_dir, planned=None):
         pre = json.loads(Path(out_dir, "precompile.json").read_text()) if out_dir else None
     except Exception:
         pre = None
+    overhead = _overhead_summary(out_dir) if out_dir else None
+    capture = {"gpuconv_not_capturable": [], "torch_not_capturable": [], "graph_mismatch": [],
+               "non_finite": []}
+    for rid, rec in recs.items():
+        for name in ("gpuconv", "torch"):
+            r = rec.get(name) or {}
+            if r.get("graph_error"):
+                capture[f"{name}_not_capturable"].append(f"{rid}: {r['graph_error'][:200]}")
+            if r.get("graph_matches_eager") is False:
+                capture["graph_mismatch"].append(f"{name} {rid}")
+            if r.get("finite") is False:
+                capture["non_finite"].append(f"{name} {rid}")
     full = {"ceilings": ceil, "steps": steps, "checks": checks, "precompile": pre,
+            "host_overhead": overhead, "capture": capture,
             "rows": [{**r, "result": recs.get(r["id"]), "derived": derived[r["id"]]}
                      for r in rows], "summary": summary}
     if out_dir:
@@ -878,6 +894,8 @@ def report(out_dir, planned=None):
     compact = {"ceilings": {"copy_GBps": ceil["copy_GBps"], "matmul_GFLOPs": ceil["matmul_GFLOPs"],
                             "measured": ceil.get("measured", False)},
                "steps": steps, "checks": checks, "precompile": pre,
+               "host_overhead_us": overhead,
+               "capture": {k: (len(v), v[:2]) for k, v in capture.items()},
                "rows_measured": sum(1 for d in derived.values() if d.get("gpuconv")),
                "rows_planned": len(rows)}
     print("GPU-CHECK-JSON " + json.dumps(compact, default=str, separators=(",", ":")))
@@ -892,6 +910,20 @@ def report(out_dir, planned=None):
               f"{_fmt(s['torch_frac_median'], '.3f')} | {_fmt(s['host_us_median'], '.0f')} | "
               f"{_fmt(s['eager_over_graph_median'], '.2f')} |")
     return full
+
+
+def _overhead_summary(out_dir):
+    """{pass: median over layers of the best-round call microseconds} from the overhead step."""
+    try:
+        rows = json.loads(Path(out_dir, "overhead.json").read_text())["rows"]
+    except Exception:
+        return None
+    out = {}
+    for p in PASSES:
+        v = [r["call_us_min"] for r in rows if r["pass"] == p]
+        if v:
+            out[p] = round(statistics.median(v), 1)
+    return out
 
 
 def _read_steps(out_dir):

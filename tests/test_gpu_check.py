@@ -160,3 +160,23 @@ def test_host_overhead_counts_the_launches_of_each_pass():
     for r in rows:
         assert r["call_us"] > 0
         assert r["stages"] and all(s["us"] > 0 for s in r["stages"])
+
+
+@pytest.mark.parametrize("log,status", [
+    ("CASE a | forward | float32 | rel 1e-7 | ok\nSANITIZE-CASES-DONE 1 cases, 0 wrong\n"
+     "========= ERROR SUMMARY: 0 errors\n", "clean"),
+    ("CASE a | forward | float32 | rel 1e-7 | ok\nSANITIZE-CASES-DONE 1 cases, 0 wrong\n"
+     "========= RACECHECK SUMMARY: 2 hazards displayed (2 errors, 0 warnings)\n", "PROBLEMS"),
+    ("CASE a | forward | float32 | rel 3e-1 | WRONG\nSANITIZE-CASES-DONE 1 cases, 1 wrong\n"
+     "========= ERROR SUMMARY: 0 errors\n", "PROBLEMS"),
+    ("CASE a | forward | float32 | rel 1e-7 | ok\n========= ERROR SUMMARY: 0 errors\n",
+     "incomplete"),
+    ("========= Error: Device not supported\n", "skipped: compute-sanitizer refused the device"),
+    ("SKIPPED: compute-sanitizer not found\n", "SKIPPED: compute-sanitizer not found"),
+    ("Traceback (most recent call last):\nImportError: no cupy\n", "tool did not run the cases"),
+])
+def test_sanitizer_logs_are_read_strictly(tmp_path, log, status):
+    (tmp_path / "sanitizer_memcheck.log").write_text(log)
+    got = gpu_check._parse_sanitizer(tmp_path, "memcheck")
+    assert got["status"].startswith(status), got
+    assert gpu_check._parse_sanitizer(tmp_path, "racecheck") == {"status": "not run"}
