@@ -199,8 +199,8 @@ def _case_kw(case):
 
 def sanitizer_plan():
     """[{case, passes, families}] plus the kernel families nothing covers."""
-    from gpuconv import _kernels as K
-    from host_overhead import entry_family, launched_families
+    from _layout import cuda, entry_family
+    from host_overhead import launched_families
     out, covered = [], set()
     for c in SANITIZER_CASES:
         fams = set()
@@ -209,7 +209,7 @@ def sanitizer_plan():
                                           env={"GPUCONV_CUDA_ALGO": c["algo"]}))
         covered |= fams
         out.append({"case": c["name"], "passes": list(_case_passes(c)), "families": sorted(fams)})
-    every = sorted({entry_family(n) for n in K.all_entry_names()})
+    every = sorted({entry_family(n) for n in cuda().all_entry_names()})
     return {"cases": out, "families": every,
             "uncovered": sorted(set(every) - covered)}
 

@@ -4,7 +4,7 @@
 What is timed: the real public call (``gpuconv.conv`` / ``conv_input_grad`` /
 ``conv_weight_grad``: argument checks, array-namespace detection, geometry,
 backend dispatch, the CUDA backend's plan, output allocation and the launch
-helper ``_kernels.launch``) driven through :class:`CountingRuntime`, a device
+helper) driven through :class:`CountingRuntime`, a device
 runtime that implements the runtime protocol on the host and *counts* launches
 instead of running them.  Nothing is compiled or executed; the kernels' sources
 are read once for the module cache.
@@ -47,6 +47,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+from _layout import DTYPE_SUFFIX, cuda, entry_family, grid_1d_of  # noqa: E402,F401
+
 
 class CountingRuntime:
     """Device-runtime protocol on the host: launches are counted, never run.
@@ -65,8 +67,13 @@ class CountingRuntime:
         self.last = None
         self._buffers = {}
 
+    max_blocks_1d = 65535 * 8  # the grid-stride kernels' cap (as on a device)
+
     def device_key(self):
         return 0
+
+    def device_scope(self, a):
+        return contextlib.nullcontext()
 
     def build(self, source, names, options):
         return {"names": frozenset(names)}
@@ -103,8 +110,7 @@ def counting_backend():
     the duration (the dispatcher's instance table is patched and restored).  Yields
     the backend."""
     from gpuconv import _dispatch
-    from gpuconv._cuda_backend import CudaBackend
-    be = CudaBackend(CountingRuntime())
+    be = cuda().CudaBackend(CountingRuntime())
     saved = _dispatch._instances.get("cudasim", None)
     _dispatch._instances["cudasim"] = be
     try:
@@ -134,16 +140,6 @@ def launched_families(layer_kwargs, pass_name, x_shape, w_shape, dtype, env=None
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def entry_family(name: str) -> str:
-    """'gpuconv_fwdtile_f32_i32' -> 'fwdtile'; 'gpuconv_wgrad_reduce_bf16' -> 'wgrad_reduce'."""
-    from gpuconv import _kernels as K
-    drop = {s for s, _ in K.DTYPES.values()} | {"i32", "i64"}
-    parts = name.split("_")
-    if parts and parts[0] == "gpuconv":
-        parts = parts[1:]
-    return "_".join(p for p in parts if p not in drop)
 
 
 def _arrays(x_shape, w_shape, kw, dtype, xp=np, rng=None):
@@ -180,19 +176,19 @@ def _per_call_us(fn, calls, rounds):
 def _stages(gpuconv, be, pass_name, x, w, gy, kw, backend):
     """(name, callable) for each stage of one call, in the order the call runs them."""
     from gpuconv import _api, _dispatch
-    from gpuconv import _cuda_backend as CB
     from gpuconv import _geometry as geo
-    from gpuconv import _kernels as K
+    CB = cuda()
     op = {"forward": "conv", "input_grad": "conv_input_grad",
           "weight_grad": "conv_weight_grad"}[pass_name]
     a, b = (x, w) if pass_name == "forward" else ((gy, w) if pass_name == "input_grad"
                                                   else (x, gy))
     g = _api._geometry(op, x.shape, w.shape, kw["stride"], kw["padding"], kw["dilation"],
                        kw["groups"], x.dtype)
-    geo_args = CB._geo_args(g)
-    cfg = K.grid_1d(math.prod(g.y_shape))
-    fn_name = f"gpuconv_fwd_{K.DTYPES[np.dtype(g.dtype).name][0]}_i32"
+    geo_args = CB.geo_args(g)
+    cfg = CB.grid_1d(math.prod(g.y_shape))
+    fn_name = f"gpuconv_fwd_{DTYPE_SUFFIX[np.dtype(g.dtype).name]}_i32"
     rt = be.rt
+    ns = _dispatch.array_namespace(op, a=a, b=b)  # a name or a module, by layout
     backend_pass = {"forward": lambda: be.forward(x, w, None, g),
                     "input_grad": lambda: be.input_grad(gy, w, g),
                     "weight_grad": lambda: be.weight_grad(x, gy, g)}[pass_name]
@@ -202,18 +198,17 @@ def _stages(gpuconv, be, pass_name, x, w, gy, kw, backend):
         ("conv_geometry", lambda: _api._geometry(op, x.shape, w.shape, kw["stride"],
                                                  kw["padding"], kw["dilation"], kw["groups"],
                                                  x.dtype)),
-        ("get_backend", lambda: _dispatch.get_backend(op, "numpy" if rt.xp is np else "cupy",
-                                                      backend)),
+        ("get_backend", lambda: _dispatch.get_backend(op, ns, backend)),
         ("backend pass (plan + alloc + launch)", backend_pass),
         ("  use_tiled(g)", lambda: CB.use_tiled(g)),
-        ("  _geo_args(g)", lambda: CB._geo_args(g)),
+        ("  geo_args(g)", lambda: CB.geo_args(g)),
         ("  _fn (env + index width + name + lookup)",
          lambda: be._fn("fwd", g, a.size, b.size, math.prod(g.y_shape))),
         ("  module function lookup", lambda: be.modules.function("fwd", fn_name)),
-        ("  grid_1d", lambda: K.grid_1d(math.prod(g.y_shape), max_blocks=be._max_blocks())),
+        ("  grid_1d", lambda: grid_1d_of(be, math.prod(g.y_shape))),
         ("  runtime.empty(out)", lambda: rt.empty(g.y_shape, g.dtype)),
-        ("  _kernels.launch (checks + runtime.launch)",
-         lambda: K.launch(_NullLaunch, fn_name, cfg, (a, b) + geo_args)),
+        ("  launch helper (checks + runtime.launch)",
+         lambda: CB.launch(_NullLaunch, fn_name, cfg, (a, b) + geo_args)),
     ]
     if pass_name == "input_grad":
         st.append(("  dgrad_as_forward(g)", lambda: CB.dgrad_as_forward(g)))
@@ -300,8 +295,8 @@ def _weight_for(pass_name, w, kw, x_shape, runtime):
     backend's ascontiguous() counts the copy as a launch."""
     if runtime != "counting" or pass_name != "input_grad":
         return w
-    from gpuconv import _cuda_backend as CB
     from gpuconv import _geometry
+    CB = cuda()
     g = _geometry.conv_geometry("overhead", x_shape, w.shape, dtype=w.dtype, **kw)
     g2 = CB.dgrad_as_forward(g)
     if g2 is None or not CB.use_tiled(g2):

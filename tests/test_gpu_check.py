@@ -19,7 +19,7 @@ import gpu_check  # noqa: E402
 import host_overhead  # noqa: E402
 
 from gpuconv import _bench  # noqa: E402
-from gpuconv import _kernels as K  # noqa: E402
+from _layout import cuda  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_dry_run_fits_the_time_budget(dry_run):
 def test_every_kernel_family_has_a_sanitizer_case(dry_run):
     plan, _ = dry_run
     sp = plan["sanitizer_cases"]
-    families = {host_overhead.entry_family(n) for n in K.all_entry_names()}
+    families = {host_overhead.entry_family(n) for n in cuda().all_entry_names()}
     assert set(sp["families"]) == families
     assert sp["uncovered"] == []
 
@@ -148,7 +148,7 @@ def test_host_overhead_counts_the_launches_of_each_pass():
     assert set(by) == {(L, p) for L in ("r50.res2.3x3", "mbv2.dw3x3.56")
                        for p in _bench.PASSES}
     fam = {k: {host_overhead.entry_family(n) for n in r["launches"]} for k, r in by.items()}
-    known = {host_overhead.entry_family(n) for n in K.all_entry_names()} | {"copy"}
+    known = {host_overhead.entry_family(n) for n in cuda().all_entry_names()} | {"copy"}
     for k, f in fam.items():
         assert f and f <= known, k
     # the dense 3x3 runs on the implicit-GEMM tiles: one launch forward, the input
