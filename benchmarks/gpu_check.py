@@ -882,7 +882,8 @@ def report(out_dir, planned=None):
                 capture["graph_mismatch"].append(f"{name} {rid}")
             if r.get("finite") is False:
                 capture["non_finite"].append(f"{name} {rid}")
-    full = {"ceilings": ceil, "steps": steps, "checks": checks, "precompile": pre,
+    env = _environment(out_dir, ceil)
+    full = {"environment": env, "ceilings": ceil, "steps": steps, "checks": checks, "precompile": pre,
             "host_overhead": overhead, "capture": capture,
             "rows": [{**r, "result": recs.get(r["id"]), "derived": derived[r["id"]]}
                      for r in rows], "summary": summary}
@@ -891,7 +892,8 @@ def report(out_dir, planned=None):
         Path(out_dir, "gpu_check_rows.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     print()
-    compact = {"ceilings": {"copy_GBps": ceil["copy_GBps"], "matmul_GFLOPs": ceil["matmul_GFLOPs"],
+    compact = {"date": env.get("date"), "commit": env.get("commit"), "device": env.get("device"),
+               "seed": env.get("seed"), "ceilings": {"copy_GBps": ceil["copy_GBps"], "matmul_GFLOPs": ceil["matmul_GFLOPs"],
                             "measured": ceil.get("measured", False)},
                "steps": steps, "checks": checks, "precompile": pre,
                "host_overhead_us": overhead,
@@ -910,6 +912,33 @@ def report(out_dir, planned=None):
               f"{_fmt(s['torch_frac_median'], '.3f')} | {_fmt(s['host_us_median'], '.0f')} | "
               f"{_fmt(s['eager_over_graph_median'], '.2f')} |")
     return full
+
+
+def _environment(out_dir, ceil):
+    """Date, commit (GPUCONV_COMMIT or git), seed, device (from the ceilings step)."""
+    import datetime
+    import subprocess
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "commit": os.environ.get("GPUCONV_COMMIT") or None,
+           "seed": os.environ.get("GPUCONV_TEST_SEED")}
+    if not env["commit"]:
+        try:
+            env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                           capture_output=True, text=True,
+                                           timeout=10).stdout.strip() or None
+        except Exception:
+            pass
+    try:
+        c = json.loads(Path(out_dir, "ceilings.json").read_text()) if out_dir else {}
+        env["device"] = c.get("device", {}).get("name")
+        env["device_props"] = c.get("device")
+    except Exception:
+        env["device"] = None
+    try:
+        env["versions"] = Path(out_dir, "env.txt").read_text()[:2000] if out_dir else None
+    except Exception:
+        env["versions"] = None
+    return env
 
 
 def _overhead_summary(out_dir):

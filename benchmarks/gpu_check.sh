@@ -20,6 +20,8 @@
 #
 # Usage (repo root):  bash benchmarks/gpu_check.sh            # on the GPU machine
 #                     bash benchmarks/gpu_check.sh --dry-run  # anywhere: the plan + skeleton
+# GPUCONV_COMMIT=<hash> names the commit where the tree travels without .git;
+# GPUCONV_TEST_SEED=<n> repeats a run's random inputs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -145,10 +147,12 @@ grep -v '"status": "ok"' "$WORK/bench.jsonl" 2>/dev/null | cut -c1-200 | head -5
 # ---- report: written, copied to $OUT, then printed last
 t=$(eff_timeout report)
 [ "$t" -le 0 ] && t=5
-timeout -k 3 -s INT "$t" $PY benchmarks/gpu_check.py report --out "$WORK" > "$WORK/report.txt" 2>&1
-echo "report rc=$?, total $((SECONDS - T0)) s" >> "$WORK/report.txt"
+GPUCONV_TEST_SEED="$SEED" timeout -k 3 -s INT "$t" $PY benchmarks/gpu_check.py report \
+    --out "$WORK" > "$WORK/report.txt" 2>&1
+rc=$?
+printf 'report\t%s\t%s\t%s\n' "$rc" 0 "$t" >> "$WORK/steps.tsv"
 cp "$WORK/report.txt" "$OUT/" 2>/dev/null
 cp "$WORK/gpu_check.json" "$WORK/gpu_check_rows.md" "$OUT/" 2>/dev/null
 tar czf "$OUT/gpu_check_logs.tar.gz" -C "$WORK" --exclude=cupy_cache . 2>/dev/null
-echo "== files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
-cat "$WORK/report.txt"
+echo "== report rc=$rc; total $((SECONDS - T0)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+cat "$WORK/report.txt"   # the per-row table, then the JSON line and the short table: last
