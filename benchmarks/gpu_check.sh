@@ -21,7 +21,8 @@
 # Usage (repo root):  bash benchmarks/gpu_check.sh            # on the GPU machine
 #                     bash benchmarks/gpu_check.sh --dry-run  # anywhere: the plan + skeleton
 # GPUCONV_COMMIT=<hash> names the commit where the tree travels without .git;
-# GPUCONV_TEST_SEED=<n> repeats a run's random inputs.
+# GPUCONV_TEST_SEED=<n> repeats a run's random inputs; GPU_CHECK_SKIP=tests,racecheck
+# (step names) leaves steps out, e.g. to rerun the benchmark alone.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -47,6 +48,7 @@ echo "gpu check: work dir $WORK, seed $SEED, limit ${GLOBAL_LIMIT}s"
 # report's time is kept back); 0 means skip
 eff_timeout() {
     local own left
+    case ",${GPU_CHECK_SKIP:-}," in *",$1,"*) echo 0; return ;; esac
     own=$(eval echo "\$TIMEOUT_$1")
     if [ "$1" = report ]; then left=$((GLOBAL_LIMIT - (SECONDS - T0)))
     else left=$((GLOBAL_LIMIT - (SECONDS - T0) - TIMEOUT_report)); fi
@@ -61,8 +63,8 @@ run_step() {
     local name=$1 t=$2 log=$3 s rc
     shift 3
     if [ "$t" -le 0 ]; then
-        printf '%s\tskipped (global limit)\t0\t0\n' "$name" >> "$WORK/steps.tsv"
-        echo "== $name: skipped (global limit)"
+        printf '%s\tskipped\t0\t0\n' "$name" >> "$WORK/steps.tsv"
+        echo "== $name: skipped (GPU_CHECK_SKIP or the global limit)"
         return 0
     fi
     s=$SECONDS
@@ -117,6 +119,11 @@ grep -E "^(FAILED|ERROR)|passed|failed" "$WORK/gpu_tests.log" | tail -6
 SAN=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 for tool in memcheck racecheck; do
     log="$WORK/sanitizer_$tool.log"
+    t=$(eff_timeout $tool)
+    if [ "$t" -le 0 ]; then
+        run_step $tool 0 "$log"
+        continue
+    fi
     if [ -z "$SAN" ]; then
         echo "SKIPPED: compute-sanitizer not found" > "$log"
         printf '%s\tskipped (no tool)\t0\t0\n' "$tool" >> "$WORK/steps.tsv"
@@ -125,7 +132,6 @@ for tool in memcheck racecheck; do
     fi
     extra=
     [ $tool = memcheck ] && extra="--leak-check no"
-    t=$(eff_timeout $tool)
     run_step $tool "$t" "$log" env GPUCONV_PRECOMPILE=0 GPUCONV_TEST_SEED="$SEED" \
         "$SAN" --tool $tool $extra --error-exitcode 86 --print-limit 20 \
         $PY benchmarks/gpu_check.py sanitize-cases
@@ -156,3 +162,4 @@ cp "$WORK/gpu_check.json" "$WORK/gpu_check_rows.md" "$OUT/" 2>/dev/null
 tar czf "$OUT/gpu_check_logs.tar.gz" -C "$WORK" --exclude=cupy_cache . 2>/dev/null
 echo "== report rc=$rc; total $((SECONDS - T0)) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 cat "$WORK/report.txt"   # the per-row table, then the JSON line and the short table: last
+[ "${GPU_CHECK_KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK"   # everything is in $OUT now

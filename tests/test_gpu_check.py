@@ -180,3 +180,30 @@ def test_sanitizer_logs_are_read_strictly(tmp_path, log, status):
     got = gpu_check._parse_sanitizer(tmp_path, "memcheck")
     assert got["status"].startswith(status), got
     assert gpu_check._parse_sanitizer(tmp_path, "racecheck") == {"status": "not run"}
+
+
+def test_whole_script_without_a_gpu_still_prints_the_table_last(tmp_path):
+    """Every step that needs a GPU fails here; the script still ends cleanly, records
+    each step, and prints the JSON line and the short table last."""
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils timeout")
+    from gpuconv import backend_info
+    if backend_info()["backends"]["cupy"]["usable"]:
+        pytest.skip("a GPU works here: run benchmarks/gpu_check.sh itself")
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(out), GPU_CHECK_SKIP="tests,env",
+               GPUCONV_COMMIT="testcommit")
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1].startswith("| depthwise | weight_grad | bfloat16 | 0/3 |"), lines[-3:]
+    js = json.loads(next(line for line in lines if line.startswith("GPU-CHECK-JSON "))
+                    [len("GPU-CHECK-JSON "):])
+    assert js["commit"] == "testcommit" and js["rows_measured"] == 0
+    assert js["steps"]["tests"]["rc"] == "skipped" and js["steps"]["env"]["rc"] == "skipped"
+    assert js["steps"]["ceilings"]["rc"] != "0"  # no device here
+    assert js["checks"]["tests"] == {"status": "not run"}
+    assert {"gpu_check.json", "gpu_check_rows.md", "report.txt",
+            "gpu_check_logs.tar.gz"} <= {p.name for p in out.iterdir()}
+    assert len(list(out.iterdir())) <= 8  # the device tool brings back at most 8 files
