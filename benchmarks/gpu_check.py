@@ -942,14 +942,14 @@ def _environment(out_dir, ceil):
 
 
 def _overhead_summary(out_dir):
-    """{pass: median over layers of the best-round call microseconds} from the overhead step."""
+    """{pass: median over layers of the median call microseconds} from the overhead step."""
     try:
         rows = json.loads(Path(out_dir, "overhead.json").read_text())["rows"]
     except Exception:
         return None
     out = {}
     for p in PASSES:
-        v = [r["call_us_min"] for r in rows if r["pass"] == p]
+        v = [r["call_us"] for r in rows if r["pass"] == p]
         if v:
             out[p] = round(statistics.median(v), 1)
     return out

@@ -18,8 +18,8 @@ real CuPy runtime, no synchronisation) and by ``--runtime cupy`` here.
 
 Where the time goes: each stage is also timed on its own (the same calls the
 public function makes, in a loop of their own), and cProfile's top functions for
-the whole call are listed.  Each number is the mean per call of the least-disturbed
-of several rounds of many calls (the machine is shared; the median is kept too).
+the whole call are listed.  Every call is timed on its own; numbers are medians
+(10th-90th percentiles beside them) of rounds x calls single calls.
 
 Usage (repository root)::
 
@@ -162,15 +162,20 @@ def _call(gpuconv, pass_name, x, w, gy, kw, backend):
 
 
 def _per_call_us(fn, calls, rounds):
-    """Median over rounds of the mean microseconds per call in a loop of `calls`."""
+    """(median, 10th, 90th percentile) microseconds of `calls * rounds` calls, each timed
+    on its own: on a shared machine a preemption lands in few of the ~50 us calls, so
+    the median of single calls is robust where the mean of a loop is not."""
     fn()
-    out = []
+    ts = []
+    clock = time.perf_counter
     for _ in range(rounds):
-        t0 = time.perf_counter()
         for _ in range(calls):
+            t0 = clock()
             fn()
-        out.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(out), min(out), max(out)
+            ts.append(clock() - t0)
+    ts.sort()
+    n = len(ts)
+    return ts[n // 2] * 1e6, ts[n // 10] * 1e6, ts[(9 * n) // 10] * 1e6
 
 
 def _stages(gpuconv, be, pass_name, x, w, gy, kw, backend):
@@ -268,16 +273,14 @@ def measure(layers=None, *, dtype="float32", batch=32, calls=300, rounds=7, runt
                     xp.cuda.Device().synchronize()
                 stages = []
                 for sname, sfn in _stages(gpuconv, be, p, x, wp, gy, kw, backend):
-                    smed, smin, _ = _per_call_us(sfn, calls, rounds)
-                    stages.append({"stage": sname, "us": smin, "us_median": smed})
+                    smed, sp10, _ = _per_call_us(sfn, calls, rounds)
+                    stages.append({"stage": sname, "us": smed, "us_p10": sp10})
                     if runtime == "cupy":
                         xp.cuda.Device().synchronize()
                 top = sum(s["us"] for s in stages if not s["stage"].startswith("  "))
-                # under load the least-disturbed round is the estimate (as timeit's min);
-                # the median is kept beside it
                 row = {"layer": name, "pass": p, "dtype": dtype, "batch": batch,
-                       "runtime": runtime, "call_us": med, "call_us_min": lo, "call_us_max": hi,
-                       "unattributed_us": lo - top, "other_cpu_busy": busy,
+                       "runtime": runtime, "call_us": med, "call_us_p10": lo, "call_us_p90": hi,
+                       "unattributed_us": med - top, "other_cpu_busy": busy,
                        "launches": launches, "stages": stages}
                 if profile:
                     row["profile_top"] = _profile(fn, calls)
@@ -330,8 +333,8 @@ def _profile(fn, calls, top=8):
 
 
 def format_rows(rows):
-    lines = ["| layer | pass | runtime | call us, best round (median) | launches | "
-             "biggest stages, best round (us) |"
+    lines = ["| layer | pass | runtime | call us, median (p10-p90) | launches | "
+             "biggest stages, median us |"
              " unattributed us |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         st = sorted((s for s in r["stages"] if not s["stage"].startswith("  ")),
@@ -341,8 +344,8 @@ def format_rows(rows):
         desc = "; ".join(f"{s['stage']} {s['us']:.1f}" for s in st[:3])
         desc += " | inside: " + "; ".join(f"{s['stage'].strip()} {s['us']:.1f}" for s in sub[:3])
         la = "-" if r["launches"] is None else sum(r["launches"].values())
-        lines.append(f"| {r['layer']} | {r['pass']} | {r['runtime']} | {r['call_us_min']:.1f} "
-                     f"({r['call_us']:.1f}) | {la} | {desc} | "
+        lines.append(f"| {r['layer']} | {r['pass']} | {r['runtime']} | {r['call_us']:.1f} "
+                     f"({r['call_us_p10']:.1f}-{r['call_us_p90']:.1f}) | {la} | {desc} | "
                      f"{r['unattributed_us']:.1f} |")
     return "\n".join(lines)
 
@@ -359,7 +362,7 @@ def main(argv=None):
                     help="before each row wait up to this many seconds for other processes "
                          "to use < 10%% of the CPUs")
     args = ap.parse_args(argv)
-    calls, rounds = (60, 3) if args.quick else (100, 15)
+    calls, rounds = (100, 2) if args.quick else (200, 10)
     rows = measure(args.layers, dtype=args.dtype, batch=args.batch, calls=calls, rounds=rounds,
                    runtime=args.runtime, wait_idle=args.wait_idle)
     if args.json:
