@@ -207,3 +207,53 @@ def test_whole_script_without_a_gpu_still_prints_the_table_last(tmp_path):
     assert {"gpu_check.json", "gpu_check_rows.md", "report.txt",
             "gpu_check_logs.tar.gz"} <= {p.name for p in out.iterdir()}
     assert len(list(out.iterdir())) <= 8  # the device tool brings back at most 8 files
+
+
+_HARNESS = r'''
+import json, sys
+from pathlib import Path
+import gpu_check as G
+out = Path(sys.argv[1])
+G.CEIL_COPY_BYTES, G.CEIL_MATMUL_N, G.CEIL_PROBE_N, G.WARM_N = 2**16, 48, 32, 32
+def layer(name, group, x, w, stride, padding, groups):
+    return {"name": name, "model": "tiny", "x": x, "w": w, "stride": stride,
+            "padding": padding, "groups": groups, "dilation": 1, "group": group}
+G.suite_layers = lambda: [layer("tiny.dense3x3", "dense", (4, 9, 8), (6, 4, 3, 3), 1, 1, 1),
+                          layer("tiny.dw3x3s2", "depthwise", (6, 9, 8), (6, 1, 3, 3), 2, 1, 6)]
+G.gpu_batch = lambda L: 2
+assert G.ceilings(str(out)) == 0
+assert G.bench(str(out), deadline_s=120, seed=7) == 0
+G.report(str(out))
+'''
+
+
+def test_measuring_code_runs_end_to_end_on_a_stand_in_for_cupy(tmp_path):
+    """The ceilings, bench and report code paths, run on tests/fakes/cupy (numpy arrays,
+    host-clock events, graphs that replay nothing) and gpuconv's numpy backend: no
+    NameError or wrong call is left for the first GPU run to find.  Timings mean nothing."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("real CUDA here: the stand-in would mix with it")
+    except ImportError:
+        pass
+    out = tmp_path / "out"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "tests" / "fakes"), str(BENCH), str(ROOT)]))
+    r = subprocess.run([sys.executable, "-c", _HARNESS, str(out)], capture_output=True,
+                       text=True, env=env, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ceil = json.loads((out / "ceilings.json").read_text())
+    assert ceil["copy_GBps"] > 0 and ceil["matmul_GFLOPs"]["float32"] > 0
+    recs = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    assert len(recs) == 2 * 3 * 2  # layers x passes x dtypes
+    for rec in recs:
+        assert rec["status"] == "ok", rec
+        g = rec["gpuconv"]
+        assert g["timing"] == "graph" and g["graph_matches_eager"] and g["finite"], rec
+        assert g["device_ms"]["n"] >= 20 and g["eager_ms"]["n"] >= 20
+        assert "torch" not in rec  # no CUDA PyTorch here
+    full = json.loads((out / "gpu_check.json").read_text())
+    assert sum(1 for r in full["rows"] if r["derived"].get("gpuconv")) == 12
+    assert r.stdout.strip().splitlines()[-1].startswith("| depthwise | weight_grad | bfloat16 | 1/1 |")
