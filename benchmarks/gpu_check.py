@@ -508,7 +508,13 @@ def _torch_prepare(impl, stream):
             impl.graph = g
             g.replay()
             stream.synchronize()
-            impl.res.update(graph_matches_eager=bool(torch.equal(impl.outs[0], impl.ref0)))
+            # cuDNN's algorithms need not be deterministic run to run: compare with a
+            # tolerance (gpuconv's own replay must match its eager call bit for bit)
+            a64, b64 = impl.outs[0].double(), impl.ref0.double()
+            rel = float((a64 - b64).abs().max() / b64.abs().max().clamp_min(1e-300))
+            tol = 1e-4 if impl.ref0.dtype == torch.float32 else 2e-2
+            impl.res.update(graph_rel_diff=rel, graph_matches_eager=rel <= tol,
+                            finite=bool(torch.isfinite(impl.outs[0]).all()))
         except Exception as e:
             impl.graph, impl.graph_error = None, f"{type(e).__name__}: {e}"
     impl.res.update(eager_ms=_median_spread([t * 1e3 for t in eager]),
