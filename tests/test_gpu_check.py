@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("ml_dtypes")  # the plan has bfloat16 rows
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -182,6 +184,7 @@ def test_sanitizer_logs_are_read_strictly(tmp_path, log, status):
     assert gpu_check._parse_sanitizer(tmp_path, "racecheck") == {"status": "not run"}
 
 
+@pytest.mark.slow
 def test_whole_script_without_a_gpu_still_prints_the_table_last(tmp_path):
     """Every step that needs a GPU fails here; the script still ends cleanly, records
     each step, and prints the JSON line and the short table last."""
@@ -227,6 +230,7 @@ G.report(str(out))
 '''
 
 
+@pytest.mark.slow
 def test_measuring_code_runs_end_to_end_on_a_stand_in_for_cupy(tmp_path):
     """The ceilings, bench and report code paths, run on tests/fakes/cupy (numpy arrays,
     host-clock events, graphs that replay nothing) and gpuconv's numpy backend: no
