@@ -99,11 +99,27 @@ def gpu_batch(layer) -> int:
     return 64 if per < BATCH_SMALL_SAMPLE else 32
 
 
+def _layer(name, model, x, w, stride=1, padding=0, groups=1, dilation=1):
+    group = "depthwise" if groups > 1 and w[1] == 1 else ("grouped" if groups > 1 else "dense")
+    return {"name": name, "model": model, "x": tuple(x), "w": tuple(w), "stride": stride,
+            "padding": padding, "groups": groups, "dilation": dilation, "group": group}
+
+
+# GPU-only rows beside the suite's: depthwise shapes the suite lacks (a 5x5 stride-2 as in
+# EfficientNet-B0's third stage, and a channel multiplier of 2, K = 2C)
+EXTRA_LAYERS = (
+    _layer("effnetb0.dw5x5s2.56", "efficientnet", (144, 56, 56), (144, 1, 5, 5), 2, 2, 144),
+    _layer("mult2.dw3x3.56", "multiplier", (64, 56, 56), (128, 1, 3, 3), 1, 1, 64),
+)
+
+
 def suite_layers():
-    """Every layer of the benchmark suite (gpuconv._bench.LAYERS): dense, grouped and
-    depthwise rows alike, so layers added there (depthwise included) are planned here."""
+    """Every layer of the benchmark suite (gpuconv._bench.LAYERS: dense, grouped and
+    depthwise alike, so layers added there are planned here), then EXTRA_LAYERS."""
     from gpuconv import _bench
-    return list(_bench.LAYERS)
+    layers = list(_bench.LAYERS)
+    names = {L["name"] for L in layers}
+    return layers + [L for L in EXTRA_LAYERS if L["name"] not in names]
 
 
 def _operands(pass_name):
@@ -189,6 +205,8 @@ SANITIZER_CASES = (
      "x": (2, 8, 11, 9), "w": (8, 1, 3, 3), "stride": 1, "padding": 1, "groups": 8},
     {"name": "depthwise 7x7 s2 (all passes)", "algo": "auto", "pass": "all",
      "x": (2, 8, 13, 12), "w": (8, 1, 7, 7), "stride": 2, "padding": 3, "groups": 8},
+    {"name": "channel multiplier 2, 3x3 (all passes)", "algo": "auto", "pass": "all",
+     "x": (2, 4, 10, 9), "w": (8, 1, 3, 3), "stride": 1, "padding": 1, "groups": 4},
 )
 SANITIZER_DTYPES = ("float32", "bfloat16")
 
