@@ -1,7 +1,6 @@
-"""The CUDA backend's internals that the benchmark drivers time or plan with, found in
-either package layout (``gpuconv/_cuda_backend.py`` + ``_kernels.py``, or the
-``gpuconv/_cuda/`` package with ``plans``, ``launch`` and ``sources``).  The drivers
-read these names only; they change nothing."""
+"""The CUDA backend's internals that the benchmark drivers time or plan with, named in
+one place (``gpuconv/_cuda``: ``backend``, ``plans``, ``launch``, ``sources``), so a
+move there is one edit here.  The drivers read these names only; they change nothing."""
 from __future__ import annotations
 
 import functools
@@ -16,34 +15,22 @@ INDEX_SUFFIXES = ("i32", "i64")
 def cuda():
     """Namespace: CudaBackend, use_tiled, geo_args, dgrad_phases, wgrad_plan,
     dgrad_as_forward(g), flip_weight(xp, w, g), grid_1d, launch, all_entry_names."""
-    try:
-        from gpuconv import _geometry as geo
-        from gpuconv._cuda import backend as B
-        from gpuconv._cuda import launch as L
-        from gpuconv._cuda import plans as P
-        from gpuconv._cuda import sources as S
-        return types.SimpleNamespace(
-            CudaBackend=B.CudaBackend, use_tiled=P.use_tiled, geo_args=P.geo_args,
-            dgrad_phases=P.dgrad_phases, wgrad_plan=P.wgrad_plan,
-            dgrad_as_forward=geo.dgrad_as_forward,
-            flip_weight=lambda xp, w, g: geo.flip_weight(w, g),
-            grid_1d=L.grid_1d, launch=L.launch, all_entry_names=S.all_entry_names)
-    except ImportError:
-        from gpuconv import _cuda_backend as B
-        from gpuconv import _kernels as K
-        return types.SimpleNamespace(
-            CudaBackend=B.CudaBackend, use_tiled=B.use_tiled, geo_args=B._geo_args,
-            dgrad_phases=B.dgrad_phases, wgrad_plan=B.wgrad_plan,
-            dgrad_as_forward=B.dgrad_as_forward, flip_weight=B.flip_weight,
-            grid_1d=K.grid_1d, launch=K.launch, all_entry_names=K.all_entry_names)
+    from gpuconv import _geometry as geo
+    from gpuconv._cuda import backend as B
+    from gpuconv._cuda import launch as L
+    from gpuconv._cuda import plans as P
+    from gpuconv._cuda import sources as S
+    return types.SimpleNamespace(
+        CudaBackend=B.CudaBackend, use_tiled=P.use_tiled, geo_args=P.geo_args,
+        dgrad_phases=P.dgrad_phases, wgrad_plan=P.wgrad_plan,
+        dgrad_as_forward=geo.dgrad_as_forward,
+        flip_weight=lambda xp, w, g: geo.flip_weight(w, g),
+        grid_1d=L.grid_1d, launch=L.launch, all_entry_names=S.all_entry_names)
 
 
 def grid_1d_of(be, work_items):
     """The backend's own 1-D grid for `work_items` (its runtime's block cap)."""
-    f = getattr(be, "_grid_1d", None)
-    if f is not None:
-        return f(work_items)
-    return cuda().grid_1d(work_items, max_blocks=be._max_blocks())
+    return be._grid_1d(work_items)
 
 
 def entry_family(name: str) -> str:
