@@ -238,9 +238,8 @@ def _extend(xp, a, spatial):
     """a (N, C, *L) zero-extended to (N, C, *spatial) (a itself when L == spatial)."""
     if tuple(a.shape[2:]) == tuple(spatial):
         return a
-    out = xp.zeros(tuple(a.shape[:2]) + tuple(spatial), dtype=a.dtype)
-    out[geo.leading_box(a.shape[2:])] = a
-    return out
+    # a pad, not zeros + assignment: keeps a Dask array's chunk type (NumPy or CuPy)
+    return xp.pad(a, [(0, 0), (0, 0)] + [(0, s - l) for s, l in zip(spatial, a.shape[2:])])
 
 
 def _crop(xp, a, spatial):

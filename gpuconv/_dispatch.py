@@ -31,7 +31,8 @@ class BackendUnavailableError(RuntimeError):
 
 def array_namespace(op: str, **arrays):
     """The array module of the given arrays: ``numpy`` or ``cupy`` itself (None
-    entries ignored; no arrays: numpy), as array-api-compat's ``array_namespace``.
+    entries ignored; no arrays: numpy), as array-api-compat's ``array_namespace``;
+    with a Dask array among them, :data:`gpuconv.dask.namespace`.
 
     Raises TypeError for anything that is not a numpy/cupy ndarray and for a mix,
     ValueError for cupy arrays on different devices.
@@ -48,10 +49,15 @@ def array_namespace(op: str, **arrays):
             kinds[name] = "numpy"
         elif cp is not None and isinstance(a, cp.ndarray):
             kinds[name] = "cupy"
+        elif type(a).__module__.startswith("dask.array"):  # recognised without importing dask
+            kinds[name] = "dask"
         else:
             raise TypeError(f"{op}: {name} must be a numpy.ndarray or cupy.ndarray, "
                             f"got {type(a).__module__}.{type(a).__qualname__}")
     found = set(kinds.values())
+    if "dask" in found:  # lazy: gpuconv.dask checks the chunk types and returns its namespace
+        from .dask import array_namespace as dask_namespace
+        return dask_namespace(op, arrays)
     if found == {"cupy"}:
         devices = {n: a.device.id for n, a in arrays.items() if a is not None}
         if len(set(devices.values())) > 1:
@@ -67,8 +73,8 @@ def array_namespace(op: str, **arrays):
 
 
 def namespace_name(xp) -> str:
-    """'numpy' or 'cupy' for an array module returned by :func:`array_namespace`."""
-    return "numpy" if xp is np else "cupy"
+    """'numpy', 'cupy' or 'dask' for an array module returned by :func:`array_namespace`."""
+    return "numpy" if xp is np else getattr(xp, "gpuconv_namespace", "cupy")
 
 
 @contextlib.contextmanager
@@ -203,6 +209,8 @@ def get_backend(op: str, xp, explicit=None):
     """The backend object that runs arrays of the array module `xp` (numpy/cupy)."""
     namespace = namespace_name(xp)
     name = requested_backend(explicit)
+    if namespace == "dask":  # a lazy graph; each chunk then dispatches by its own type
+        return xp.backend(name)
     if name is None:
         name = namespace
     host_backend = name in ("numpy", "cudasim")
