@@ -25,8 +25,9 @@ Chunking rules (per spatial axis; ``s`` stride, ``d`` dilation, ``k`` kernel,
 * **Forward** (``conv``; also the input chunks of ``conv_weight_grad``): every
   interior chunk boundary ``b`` of ``x`` is moved down to a multiple of the stride,
   ``s*floor(b/s)``; boundaries at or past ``s*out`` are dropped; then a chunk
-  shorter than the halo ``max(lo, eff - s - lo)`` is merged into its left
-  neighbour (the last one into the one before it).  If that changes anything,
+  shorter than the halo ``max(lo, eff - s - lo)`` is merged with the chunks that
+  follow it until it is long enough (a short last chunk goes into the one
+  before it).  If that changes anything,
   ``x`` is rechunked to those boundaries first.  Output chunk ``j`` is then
   ``[B_j / s, B_{j+1} / s)`` (the last one ends at ``out``): the outputs whose
   window starts at ``o*s - lo`` with ``o*s`` inside input chunk ``j``.  With
@@ -69,10 +70,11 @@ __all__ = ["DaskBackend", "namespace", "array_namespace"]
 
 # ----------------------------------------------------------------------------- helpers
 def _kind_of_type(t) -> str | None:
-    mod = t.__module__.split(".")[0]
-    if mod == "numpy":
+    """'numpy' for numpy.ndarray itself (not subclasses such as masked arrays), 'cupy'
+    for cupy.ndarray, None otherwise (CuPy recognised without importing it)."""
+    if t is np.ndarray:
         return "numpy"
-    if mod == "cupy":
+    if t.__module__.split(".")[0] == "cupy" and t.__name__ == "ndarray":
         return "cupy"
     return None
 
@@ -199,7 +201,7 @@ def _diffs(bounds):
 
 def _merge_small(bounds, total, m):
     """Interior boundaries (sorted, in (0, total)) -> those left after merging every
-    chunk shorter than m into its left neighbour (the last one into the one before)."""
+    chunk shorter than m with the chunks after it (a short last one into the one before)."""
     kept = [0]
     for b in bounds:
         if b - kept[-1] >= m:
