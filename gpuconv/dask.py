@@ -420,7 +420,7 @@ def _wgrad_block(xb, gyb, *, block_id, t, x_blocks):
     xp = _chunk_xp(xb)
     acc = t.acc if t.acc is not None else xb.dtype
     shape = (1, Kc) + (1,) * nd + (t.Cg,) + tuple(t.kernel)
-    if empty:
+    if empty or Kc == 0:
         return xp.zeros(shape, dtype=acc)
     gw = gpuconv.conv_weight_grad(xb[tuple(sl)].astype(acc, copy=False),
                                   gyb.astype(acc, copy=False), (Kc, t.Cg) + tuple(t.kernel),
@@ -464,6 +464,8 @@ class DaskBackend:
             starts = _starts(x.chunks[1])
             parts = []
             for c0, c1 in zip(starts[:-1], starts[1:]):
+                if c1 == c0:  # an empty chunk contributes nothing
+                    continue
                 gj = dataclasses.replace(g, C=c1 - c0)
                 parts.append(self._forward_core(x[:, c0:c1], w[:, c0:c1], None, gj,
                                                 acc if acc != g.dtype else None))
@@ -501,6 +503,8 @@ class DaskBackend:
             starts = _starts(gy.chunks[1])
             parts = []
             for k0, k1 in zip(starts[:-1], starts[1:]):
+                if k1 == k0:
+                    continue
                 gj = dataclasses.replace(g, K=k1 - k0)
                 parts.append(self._input_grad_core(gy[:, k0:k1], w[k0:k1], gj,
                                                    acc if acc != g.dtype else None))
@@ -534,7 +538,7 @@ class DaskBackend:
         if g.groups == 1 and len(x.chunks[1]) > 1:
             starts = _starts(x.chunks[1])
             parts = [self._weight_grad_core(x[:, c0:c1], gy, dataclasses.replace(g, C=c1 - c0))
-                     for c0, c1 in zip(starts[:-1], starts[1:])]
+                     for c0, c1 in zip(starts[:-1], starts[1:]) if c1 > c0]
             return da.concatenate(parts, axis=1)
         _group_chunks(op, "x", x.chunks[1], g.Cg, g.groups, "input")
         return self._weight_grad_core(x, gy, g)

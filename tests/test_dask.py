@@ -236,6 +236,20 @@ def test_output_chunks_documented_rule():
     assert gx.chunks == ((2,), (3,), (6, 6, 8), (10,))
 
 
+def test_zero_size_chunks():
+    rng = np.random.default_rng(0)
+    x, w, gy = (rng.standard_normal(s) for s in ((3, 4, 12), (2, 4, 3), (3, 2, 12)))
+    xd = da.from_array(x, chunks=((1, 0, 2), (2, 0, 2), (5, 0, 7)))
+    gyd = da.from_array(gy, chunks=((0, 3), (1, 0, 1), (4, 0, 8)))
+    with dask.config.set(scheduler="threads"):
+        gt.assert_close(gpuconv.conv(xd, w, padding=1).compute(), ref.conv(x, w, padding=1),
+                        np.float64, "forward")
+        gt.assert_close(gpuconv.conv_input_grad(gyd, w, x.shape, padding=1).compute(),
+                        ref.conv_input_grad(gy, w, x.shape, padding=1), np.float64, "igrad")
+        gt.assert_close(gpuconv.conv_weight_grad(xd, gyd, w.shape, padding=1).compute(),
+                        ref.conv_weight_grad(x, gy, w.shape, padding=1), np.float64, "wgrad")
+
+
 def test_grouped_chunks_and_channel_chunks():
     x = da.zeros((1, 6, 8), chunks=(1, (2, 4), 8))
     w = np.ones((9, 2, 3))
@@ -396,3 +410,30 @@ def test_random_geometry_cupy_chunks(seed):
             vals = cl.gather(cl.compute(list(lazy.values())))
     got = {k: cp.asnumpy(v) for k, v in zip(lazy, vals)}
     _check(c, got)
+
+
+# ----------------------------------------------------------------------------- docs, packaging
+def test_readme_dask_example_runs(capsys):
+    """The README's cluster example, run as a script would (it starts its own cluster)."""
+    pytest.importorskip("distributed")
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sec = text[text.index("## Dask arrays"):]
+    block = re.search(r"```py\n(.*?)```", sec, flags=re.S).group(1)
+    import warnings
+    with warnings.catch_warnings():  # e.g. "Port 8787 is already in use" (the dashboard)
+        warnings.simplefilter("ignore")
+        exec(compile(block, "README.md dask example", "exec"), {"__name__": "__main__"})
+    assert "(8, 1, 3, 3, 3)" in capsys.readouterr().out
+
+
+def test_dask_extra_declared():
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    extra = meta["project"]["optional-dependencies"]["dask"]
+    assert any(e.startswith("dask[array]") for e in extra)
+    assert any(e.startswith("distributed") for e in extra)
+    assert "dask]" in (root / ".ci" / "run").read_text().split("pip install -q -e")[1].split("\n")[0]
