@@ -259,6 +259,31 @@ def test_grouped_chunks_and_channel_chunks():
     assert y1.chunks[1] == (5,)
 
 
+def test_chunks_run_on_the_backend_chosen(monkeypatch):
+    """By chunk type (NumPy chunks: the numpy backend), or as forced with backend=: here
+    the CUDA kernels on the emulator, chunk by chunk."""
+    from conftest import backend_status
+    from gpuconv import _dispatch
+    used = []
+    real = _dispatch._instance
+    monkeypatch.setattr(_dispatch, "_instance", lambda name: used.append(name) or real(name))
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((2, 2, 9, 7)), rng.standard_normal((3, 2, 3, 3))
+    xd = da.from_array(x, chunks=(1, 1, 4, 3))
+    kw = dict(stride=(2, 1), padding=((1, 0), 1))
+    with dask.config.set(scheduler="threads"):
+        gt.assert_close(gpuconv.conv(xd, w, **kw).compute(), ref.conv(x, w, **kw), np.float64,
+                        "by chunk type")
+        assert set(used) == {"numpy"} and len(used) > 4
+        ok, reason = backend_status("cudasim")
+        if not ok:
+            pytest.skip(f"cudasim not usable: {reason}")
+        used.clear()
+        gt.assert_close(gpuconv.conv(xd, w, backend="cudasim", **kw).compute(),
+                        ref.conv(x, w, **kw), np.float64, "forced cudasim")
+        assert set(used) == {"cudasim"} and len(used) > 4
+
+
 def test_lazy_and_chunk_kind_result():
     calls = []
 
