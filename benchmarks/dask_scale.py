@@ -45,8 +45,12 @@ def main(argv=None):
     p.add_argument("--memory-limit", default="1GiB", help="per worker (default 1GiB)")
     p.add_argument("--fits", type=int, default=256, help="edge of the single-array run")
     p.add_argument("--progress", action="store_true", help="progress bar even without a tty")
+    p.add_argument("--workspace-mb", type=float, default=None,
+                   help="GPUCONV_WORKSPACE_MB for this process and the workers (default: 256)")
     p.add_argument("--json", help="write the numbers here")
     a = p.parse_args(argv)
+    if a.workspace_mb is not None:  # the workers inherit the environment
+        os.environ["GPUCONV_WORKSPACE_MB"] = str(a.workspace_mb)
 
     import dask.array as da
     from distributed import Client, LocalCluster, progress
@@ -98,6 +102,10 @@ def main(argv=None):
                 stop.wait(0.2)
 
         base = client.run(_rss)
+        out["worker_workspace_MiB"] = sorted(
+            v / 2 ** 20 for v in client.run(gpuconv.get_workspace_limit).values())
+        out["worker_gpuconv_threads"] = sorted(
+            client.run(gpuconv._numpy_backend.get_num_threads).values())
         th = threading.Thread(target=sample, daemon=True)
         th.start()
         t0 = time.perf_counter()
