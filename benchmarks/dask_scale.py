@@ -64,21 +64,25 @@ def main(argv=None):
     out = {"size": S, "chunk": c, "out_channels": K, "workers": a.workers,
            "memory_limit": a.memory_limit, "load_before": os.getloadavg()}
 
-    # -- single-array NumPy backend on a volume that fits (this process, all its threads)
+    # -- single-array NumPy backend on a volume that fits (this process, all its threads),
+    # measured before and after the cluster run (the machine is shared: a bracket)
     xf = np.random.default_rng(1).standard_normal((1, 1, a.fits, a.fits, a.fits),
                                                    dtype=np.float32)
     gpuconv.conv(xf[..., :32, :32, :32], w, b, padding="same")  # warm-up
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        yf = gpuconv.conv(xf, w, b, padding="same")
-        times.append(time.perf_counter() - t0)
-    tf = float(np.median(times))
-    out["single_array"] = {"edge": a.fits, "seconds": tf, "threads": gpuconv._numpy_backend
-                           .get_num_threads(),
-                           "gflops": flops_per_voxel * a.fits ** 3 / tf / 1e9,
-                           "mvoxel_per_s": a.fits ** 3 / tf / 1e6}
-    del yf
+
+    def single_array():
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            gpuconv.conv(xf, w, b, padding="same")
+            times.append(time.perf_counter() - t0)
+        tf = float(np.median(times))
+        return {"edge": a.fits, "seconds": tf,
+                "threads": gpuconv._numpy_backend.get_num_threads(),
+                "gflops": flops_per_voxel * a.fits ** 3 / tf / 1e9,
+                "mvoxel_per_s": a.fits ** 3 / tf / 1e6}
+
+    out["single_array_before"] = single_array()
 
     with LocalCluster(n_workers=a.workers, threads_per_worker=1, processes=True,
                       memory_limit=a.memory_limit, dashboard_address=None,
@@ -132,7 +136,9 @@ def main(argv=None):
                        "input_GiB": S ** 3 * 4 / 2 ** 30, "output_GiB": K * S ** 3 * 4 / 2 ** 30,
                        "chunk_input_MiB": c ** 3 * 4 / 2 ** 20,
                        "chunk_output_MiB": K * c ** 3 * 4 / 2 ** 20}
-    out["ratio_dask_vs_single"] = out["dask"]["gflops"] / out["single_array"]["gflops"]
+    out["single_array_after"] = single_array()
+    out["ratio_dask_vs_single"] = [out["dask"]["gflops"] / out[k]["gflops"]
+                                   for k in ("single_array_before", "single_array_after")]
     out["load_after"] = os.getloadavg()
     print(json.dumps(out, indent=1))
     if a.json:
