@@ -32,6 +32,14 @@ def _rss():
     return psutil.Process().memory_info().rss
 
 
+def _worker_state(dask_worker):
+    """pid, bytes spilled to disk so far, and whether the worker was ever paused."""
+    import os
+    spilled = getattr(dask_worker.data, "spilled_total", None)
+    return {"pid": os.getpid(), "spilled_disk_bytes": int(spilled.disk) if spilled else 0,
+            "status": str(dask_worker.status)}
+
+
 def _chunk_sum(b):
     return np.array([[[[[b.sum(dtype=np.float64)]]]]])
 
@@ -96,16 +104,21 @@ def main(argv=None):
         peak = {}
         stop = threading.Event()
 
+        states = set()
+
         def sample():
             while not stop.is_set():
                 try:
                     for addr, v in client.run(_rss).items():
                         peak[addr] = max(peak.get(addr, 0), v)
+                    for v in client.run(_worker_state).values():
+                        states.add(v["status"])
                 except Exception:
                     pass
                 stop.wait(0.2)
 
         base = client.run(_rss)
+        before = client.run(_worker_state)
         out["worker_workspace_MiB"] = sorted(
             v / 2 ** 20 for v in client.run(gpuconv.get_workspace_limit).values())
         out["worker_gpuconv_threads"] = sorted(
@@ -121,6 +134,11 @@ def main(argv=None):
         td = time.perf_counter() - t0
         stop.set()
         th.join()
+        after = client.run(_worker_state)
+        out["workers_restarted"] = sorted(v["pid"] for v in before.values()) != sorted(
+            v["pid"] for v in after.values())
+        out["spilled_disk_bytes"] = sum(v["spilled_disk_bytes"] for v in after.values())
+        out["worker_statuses_seen"] = sorted(states)
         # check one interior output chunk against the single-array backend
         i = min(1, len(y.chunks[2]) - 1)
         sl = slice(i * c - 1, (i + 1) * c + 1)
