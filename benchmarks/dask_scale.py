@@ -61,7 +61,7 @@ def main(argv=None):
         os.environ["GPUCONV_WORKSPACE_MB"] = str(a.workspace_mb)
 
     import dask.array as da
-    from distributed import Client, LocalCluster, progress
+    from distributed import Client, LocalCluster, get_task_stream, progress
     import gpuconv
 
     S, c, K = a.size, a.chunk, a.out_channels
@@ -126,12 +126,22 @@ def main(argv=None):
         th = threading.Thread(target=sample, daemon=True)
         th.start()
         t0 = time.perf_counter()
-        fut = client.compute(sums)
-        if a.progress or sys.stdout.isatty():
-            progress(fut)
-            print()
-        res = fut.result()
+        with get_task_stream(client) as ts:
+            fut = client.compute(sums)
+            if a.progress or sys.stdout.isatty():
+                progress(fut)
+                print()
+            res = fut.result()
         td = time.perf_counter() - t0
+        busy = {}
+        for rec in ts.data:  # seconds per task kind (compute) or action (transfer, ...), summed over the workers
+            key = rec["key"][0] if isinstance(rec["key"], tuple) else rec["key"]
+            prefix = str(key).rsplit("-", 1)[0]
+            for ss in rec.get("startstops", ()):
+                name = prefix if ss["action"] == "compute" else ss["action"]
+                busy[name] = busy.get(name, 0.0) + ss["stop"] - ss["start"]
+        out["task_seconds"] = {k: round(v, 2) for k, v in
+                                       sorted(busy.items(), key=lambda kv: -kv[1])}
         stop.set()
         th.join()
         after = client.run(_worker_state)

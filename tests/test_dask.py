@@ -362,6 +362,8 @@ def test_error_chunk_types():
     x = da.ones((1, 1, 8), chunks=4)
     with pytest.raises(TypeError, match=r"weight"):
         gpuconv.conv(x, [[[1.0, 2.0]]])
+    with pytest.raises(TypeError, match=r"backend 'cupy'.*numpy"):  # raised before any compute
+        gpuconv.conv(x, np.ones((1, 1, 3)), backend="cupy")
     xq = da.ones(8, chunks=4)
     xq = xq[xq > 0][None, None]  # unknown chunk sizes: no geometry can be derived
     with pytest.raises(TypeError, match=r"x.shape"):
