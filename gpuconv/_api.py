@@ -99,7 +99,9 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, bac
 
     Parameters
     ----------
-    x : ndarray ``(N, C, *spatial)``, 1-3 spatial dims, numpy or cupy.
+    x : ndarray ``(N, C, *spatial)``, 1-3 spatial dims, numpy or cupy; or a
+        ``dask.array.Array`` (then the result is lazy; its chunks, and the rechunk
+        that aligns them to the stride, are defined in :mod:`gpuconv.dask`).
     weight : ndarray ``(K, C // groups, *kernel)``.
     bias : ndarray ``(K,)`` or None.
     stride, dilation : int or one int per spatial dim (>= 1).

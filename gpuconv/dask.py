@@ -51,8 +51,10 @@ Chunking rules (per spatial axis; ``s`` stride, ``d`` dilation, ``k`` kernel,
 * **Weight gradient**: one partial per block pair (``grad_out`` is rechunked to
   the forward output chunks of ``x``), reduced over batch and spatial blocks by
   Dask's tree reduction in float32/float64: the same chunking gives the same bits
-  on every run.  The result is one chunk per channel chunk.  ``conv_bias_grad``
-  is Dask's tree-reduced sum of ``grad_out``.
+  on every run and every scheduler.  The result's chunks follow the channel
+  chunks: ``(grad_out's K chunks, x's C chunks, *kernel)`` with ``groups == 1``,
+  ``(K chunks of x's groups, C/groups, *kernel)`` otherwise.  ``conv_bias_grad``
+  is Dask's tree-reduced sum of ``grad_out`` (one chunk).
 """
 from __future__ import annotations
 

@@ -260,6 +260,12 @@ def test_grouped_chunks_and_channel_chunks():
     assert y.chunks[1] == (3, 6)
     y1 = gpuconv.conv(x, np.ones((5, 6, 3)))   # groups=1: channel chunks summed, one chunk
     assert y1.chunks[1] == (5,)
+    # weight gradient chunks follow the channel chunks
+    x2 = da.ones((1, 4, 8), chunks=(1, 2, 8))
+    gw = gpuconv.conv_weight_grad(x2, da.ones((1, 6, 6), chunks=(1, (2, 4), 6)), (6, 4, 3))
+    assert gw.chunks == ((2, 4), (2, 2), (3,))
+    gw = gpuconv.conv_weight_grad(x2, da.ones((1, 6, 6), chunks=(1, 1, 6)), (6, 2, 3), groups=2)
+    assert gw.chunks == ((3, 3), (2,), (3,))
 
 
 def test_chunks_run_on_the_backend_chosen(monkeypatch):
