@@ -33,10 +33,14 @@ def _rss():
 
 
 def _worker_state(dask_worker):
-    """pid, bytes spilled to disk so far, and whether the worker was ever paused."""
+    """pid, bytes of task results held in memory (Dask's managed memory), bytes
+    spilled to disk so far (cumulative), and the worker's status."""
     import os
-    spilled = getattr(dask_worker.data, "spilled_total", None)
-    return {"pid": os.getpid(), "spilled_disk_bytes": int(spilled.disk) if spilled else 0,
+    data = dask_worker.data
+    fast = getattr(data, "fast", None)
+    metrics = getattr(data, "cumulative_metrics", {})
+    return {"pid": os.getpid(), "managed_bytes": int(getattr(fast, "total_weight", 0) or 0),
+            "spilled_disk_bytes": int(metrics.get(("disk-write", "bytes"), 0)),
             "status": str(dask_worker.status)}
 
 
@@ -105,15 +109,16 @@ def main(argv=None):
         peak = {}
         stop = threading.Event()
 
-        states = set()
+        states, managed = set(), {}
 
         def sample():
             while not stop.is_set():
                 try:
                     for addr, v in client.run(_rss).items():
                         peak[addr] = max(peak.get(addr, 0), v)
-                    for v in client.run(_worker_state).values():
+                    for addr, v in client.run(_worker_state).items():
                         states.add(v["status"])
+                        managed[addr] = max(managed.get(addr, 0), v["managed_bytes"])
                 except Exception:
                     pass
                 stop.wait(0.2)
@@ -148,7 +153,8 @@ def main(argv=None):
         after = client.run(_worker_state)
         out["workers_restarted"] = sorted(v["pid"] for v in before.values()) != sorted(
             v["pid"] for v in after.values())
-        out["spilled_disk_bytes"] = sum(v["spilled_disk_bytes"] for v in after.values())
+        out["spilled_disk_MiB"] = sorted(v["spilled_disk_bytes"] / 2 ** 20 for v in after.values())
+        out["worker_managed_peak_MiB"] = sorted(v / 2 ** 20 for v in managed.values())
         out["worker_statuses_seen"] = sorted(states)
         # check one output chunk (interior where there is one) against the single array
         i = min(1, len(y.chunks[2]) - 1)
