@@ -249,7 +249,7 @@ class _AxisPlan:
 def _axis_numbers(g, i):
     k, s, d = g.kernel[i], g.stride[i], g.dilation[i]
     return dict(L=g.in_spatial[i], out=g.out_spatial[i], s=s, d=d, lo=g.pad_lo[i],
-                eff=d * (k - 1) + 1)
+                eff=geo.effective_kernel(k, d))
 
 
 def _forward_axis(g, i, chunks):
