@@ -246,6 +246,14 @@ def test_output_chunks_documented_rule():
     assert y.chunks == ((1, 1), (4,), (2, 3, 3, 2), (5,))
     # stride 1, 'same': output chunks are the input chunks (3 >= the halo of 1)
     assert gpuconv.conv(x, w, padding="same").chunks[2:] == ((5, 5, 7, 3), (10,))
+    # asymmetric padding (2, 0) keeps the size: halo of 2 on the left, none on the right
+    xa = da.from_array(np.random.default_rng(0).standard_normal((1, 3, 20, 10)),
+                       chunks=(1, 3, (5, 5, 7, 3), (4, 6)))
+    ya = gpuconv.conv(xa, w, padding=((2, 0), (0, 2)))
+    assert ya.chunks[2:] == ((5, 5, 7, 3), (4, 6))
+    with dask.config.set(scheduler="threads"):
+        gt.assert_close(ya.compute(), ref.conv(xa.compute(), w, padding=((2, 0), (0, 2))),
+                        np.float64, "asymmetric padding")
     # chunks smaller than the halo (here 2 on each side) are merged with the chunks that
     # follow them until they reach it; a short last chunk goes into the one before
     x1 = da.zeros((1, 1, 12), chunks=(1, 1, (4, 1, 1, 5, 1)))
