@@ -440,12 +440,16 @@ class DaskBackend:
         self.name = "auto" if name in (None, "auto") else name
 
     def _check(self, op, kind):
-        from ._dispatch import get_backend
+        from ._dispatch import BackendUnavailableError, get_backend
         if kind == "cupy":
             import cupy as xp
         else:
             xp = np
-        get_backend(op, xp, self.name)  # raises now for a backend that cannot take the chunks
+        try:  # raises now for a backend that cannot take the chunks
+            get_backend(op, xp, self.name)
+        except BackendUnavailableError:
+            if kind != "cupy":  # CuPy chunks: the workers may hold GPUs the client lacks
+                raise
 
     def _task(self, g, axes, ch, acc=None):
         return _Task(op=g.op, axes=tuple(axes), ch=tuple(ch), Cg=g.Cg, Kg=g.Kg,
