@@ -416,7 +416,7 @@ def client():
         cluster.close()
 
 
-@pytest.mark.parametrize("seed", [1, 2, 4, 9, 13, 21])
+@pytest.mark.parametrize("seed", [1, 4, 13, 21])
 def test_random_geometry_local_cluster(client, seed):
     c = _case(seed)
     lazy = _lazy_passes(c)
@@ -432,9 +432,9 @@ def test_local_cluster_two_processes_and_bit_identical(client):
     assert len(pids) == 2
     rng = np.random.default_rng(8)
     x = da.from_array(rng.standard_normal((2, 4, 10, 9, 8)).astype(np.float32),
-                      chunks=(1, 2, 4, 5, 3))
+                      chunks=(1, 2, 5, 5, 4))
     gy = da.from_array(rng.standard_normal((2, 3, 5, 9, 8)).astype(np.float32),
-                       chunks=(1, 3, 2, 4, 4))
+                       chunks=(1, 3, 3, 4, 4))
     kw = dict(stride=(2, 1, 1), padding=((1, 0), 1, (2, 0)))
     w_shape = (3, 4, 2, 3, 3)
     runs = [client.compute(gpuconv.conv_weight_grad(x, gy, w_shape, **kw)).result()
