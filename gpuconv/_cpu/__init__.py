@@ -1,4 +1,4 @@
-"""CPU backend (NumPy): chunked im2col + BLAS GEMM, tap loops for depthwise.
+"""CPU backend (NumPy): chunked im2col + BLAS GEMM, banded GEMMs for depthwise.
 
 * :mod:`.workspace` -- the memory bound: per-thread arenas under the workspace limit;
 * :mod:`.parallel` -- the one scheduler (static chunk assignment, fixed-order sums)
@@ -41,10 +41,7 @@ class NumpyBackend:
         y = np.empty(g.y_shape, dtype=g.dtype)
         b = None if bias is None else np.ascontiguousarray(bias, dtype=p.cdt)
         if g.depthwise:
-            if depthwise._flat_ok(g):
-                depthwise.forward_flat(p, x, w, b, y)
-            else:
-                depthwise.forward(p, x, w, b, y)
+            depthwise.forward_band(p, x, w, b, y)
         else:
             dense.forward(p, x, w, b, y)
         return y
@@ -53,8 +50,8 @@ class NumpyBackend:
         p = _pass(g)
         gx = np.empty(g.x_shape, dtype=g.dtype)
         if g.depthwise:
-            if depthwise._flat_ok(g) and all(st == 1 for st in g.stride):
-                depthwise.input_grad_flat(p, gy, w, gx)
+            if all(st == 1 for st in g.stride):
+                depthwise.input_grad_band(p, gy, w, gx)
             else:
                 depthwise.input_grad(p, gy, w, gx)
         else:

@@ -497,3 +497,202 @@ def weight_grad(p, x, gy):
 
     gw = _run_parallel_sum(chunks, workers, arena_bytes, work, init)
     return gw
+
+
+# ============================================================================ banded GEMM
+# Depthwise forward (and the stride-1 input grad, the same correlation of gy with the
+# flipped kernel) as one GEMM per channel and tile of Pt output rows of dim 0:
+#
+#   S[c, r, ks, jr, n, q] = src_padded[n, c*Ks + ks, r, s*q + jr*dil]    (rest dims: q, jr)
+#   out[n, c*Ko + ko, t*Pt + pp, q] = sum_(v, ks, jr) T[c, pp, ko, v, ks, jr] *
+#                                     S[c, s0*Pt*t + v, ks, jr, n, q]
+#
+# with T[c, pp, ko, s0*pp + i*d0, ks, jr] = W[c, ko, ks, i, jr] (banded: kh non-zero
+# rows of dim 0 per output row).  S holds one strided copy of the (zero-padded) source
+# per tap of the rest dims (kw copies in 2-D); the rows (v, ks, jr) of S for one tile
+# are contiguous, so each tile is a plain (K' x nb*Q) matrix and every tile of every
+# channel of a chunk runs as one batched matmul of (Ko*Pt) x K' by K' x (nb*Q) with
+# K' = (s0*(Pt-1) + (kh-1)*d0 + 1) * Ks * prod(kernel[1:]).  No tap loops, no shifted
+# adds: the kh vertical taps ride in the band of T (Pt + kh - 1 rows of work for Pt),
+# the horizontal ones in K'.  The result is laid out (c, t, pp, ko, n, q) and copied
+# (with the bias and the cast to the output dtype) into the output once.
+
+_GEMM_TILE_ROWS = 8          # Pt: output rows of dim 0 per tile (band overhead (Pt+kh-1)/Pt)
+_GEMM_CHUNK_BYTES = 1 << 20  # about this much of S per chunk (kept in L2)
+
+
+class _Band:
+    """Sizes of one banded-GEMM pass (dim 0 vertical; 1-D is run as 2-D with H = 1)."""
+
+    def __init__(self, in_sp, out_sp, kernel, stride, dil, Ks, Ko, pt):
+        self.in_sp, self.out_sp = tuple(in_sp), tuple(out_sp)
+        self.kernel, self.stride, self.dil = tuple(kernel), tuple(stride), tuple(dil)
+        self.Ks, self.Ko = Ks, Ko
+        self.pt = max(1, min(pt, out_sp[0]))
+        self.Jr = math.prod(kernel[1:])
+        self.Qr = math.prod(out_sp[1:])
+        self.K = stride[0] * (self.pt - 1) + (kernel[0] - 1) * dil[0] + 1
+        self.Kp = self.K * Ks * self.Jr
+        self.rest_taps = list(itertools.product(*[range(k) for k in kernel[1:]]))
+
+    def rows_in(self, ntiles):
+        return self.stride[0] * (ntiles * self.pt - 1) + (self.kernel[0] - 1) * self.dil[0] + 1
+
+    def s_elems(self, cb, nb, ntiles):
+        return cb * self.rows_in(ntiles) * self.Ks * self.Jr * nb * self.Qr
+
+    def o_elems(self, cb, nb, ntiles):
+        return cb * ntiles * self.pt * self.Ko * nb * self.Qr
+
+    def t_elems(self, cb):
+        return cb * self.pt * self.Ko * self.Kp
+
+    def build_t(self, T, W):
+        """T (cb, pt, Ko, K, Ks, Jr) <- the band of W (cb, Ko, Ks, kh, Jr): for tap i of
+        dim 0, the diagonal T[:, pp, :, s0*pp + i*d0] as one strided view (no temporaries)."""
+        T[...] = 0
+        s0, d0 = self.stride[0], self.dil[0]
+        st = T.strides
+        for i in range(self.kernel[0]):
+            diag = np.lib.stride_tricks.as_strided(
+                T[:, :, :, i * d0], shape=T.shape[:3] + T.shape[4:],
+                strides=(st[0], st[1] + s0 * st[3], st[2], st[4], st[5]))
+            np.copyto(diag, W[:, None, :, :, i])
+
+
+def _band_pass(p, src, W, out, bias, band, pad_lo):
+    """out (N, C*Ko, *out_sp) <- the banded GEMM of src (N, C*Ks, *in_sp) with
+    W (C, Ko, Ks, kh, Jr) in the compute dtype; pad_lo: the source offset per dim
+    (output index o of dim d reads source index s_d*o + k*dil_d - pad_lo[d])."""
+    cdt, it, workers = p.cdt, p.itemsize, p.workers
+    N, C = src.shape[0], W.shape[0]
+    b = band
+    P0 = b.out_sp[0]
+    Ks, Ko, Jr, Qr, pt = b.Ks, b.Ko, b.Jr, b.Qr, b.pt
+    if out.size == 0:
+        return
+    nt_all = -(-P0 // pt)
+    budget = _budget(workers)
+    cast = out.dtype != cdt
+
+    def nbytes(cb, nb, nt):
+        return _arena_bytes([b.s_elems(cb, nb, nt) * it, b.o_elems(cb, nb, nt) * it,
+                             b.t_elems(cb) * it])
+
+    # chunk = (images, channels, tiles): about _GEMM_CHUNK_BYTES of S, >= 2 chunks per
+    # worker when possible, within the per-worker budget.
+    target = min(_GEMM_CHUNK_BYTES, budget)
+    cb, nb, nt = C, N, nt_all
+    while b.s_elems(cb, nb, nt) * it > target and cb > 1:
+        cb = -(-cb // 2)
+    while b.s_elems(cb, nb, nt) * it > target and nt > 1:
+        nt = -(-nt // 2)
+    while b.s_elems(cb, nb, nt) * it > target and nb > 1:
+        nb = -(-nb // 2)
+
+    def count(cb, nb, nt):
+        return -(-C // cb) * -(-N // nb) * -(-nt_all // nt)
+
+    while count(cb, nb, nt) < 2 * workers and (cb > 1 or nt > 1):
+        if cb > 1:
+            cb = -(-cb // 2)
+        else:
+            nt = -(-nt // 2)
+    while nbytes(cb, nb, nt) > budget and (cb > 1 or nt > 1 or nb > 1):
+        if cb > 1:
+            cb = -(-cb // 2)
+        elif nt > 1:
+            nt = -(-nt // 2)
+        else:
+            nb = -(-nb // 2)
+    chunks = [(n0, min(N, n0 + nb), c0, min(C, c0 + cb), t0, min(nt_all, t0 + nt))
+              for c0 in range(0, C, cb) for n0 in range(0, N, nb)
+              for t0 in range(0, nt_all, nt)]
+    arena_bytes = nbytes(cb, nb, nt)
+    nd = len(b.in_sp)
+    s0, lo0 = b.stride[0], pad_lo[0]
+    # per rest tap: (slice of the source's rest dims, origin) as in _Flat.fill
+    rest_src = []
+    for jr in b.rest_taps:
+        sl, org = [], []
+        for d in range(1, nd):
+            s, m = b.stride[d], jr[d - 1] * b.dil[d] - pad_lo[d]
+            i0 = max(0, -(-(-m) // s))
+            start = s * i0 + m
+            sl.append(slice(start, None, s) if start < b.in_sp[d] else slice(0, 0))
+            org.append(-i0)
+        rest_src.append((tuple(sl), tuple(org)))
+    bias_v = None if bias is None else bias.reshape(C, Ko)
+
+    def work(arena, _st, ch):
+        n0, n1, c0, c1, t0, t1 = ch
+        arena.reset()
+        cbc, nbc, ntc = c1 - c0, n1 - n0, t1 - t0
+        R = b.rows_in(ntc)
+        cols = nbc * Qr
+        S = arena.take((cbc, R, Ks, Jr, nbc) + b.out_sp[1:], cdt)
+        srcv = src[n0:n1, c0 * Ks:c1 * Ks]
+        srcv = srcv.reshape((nbc, cbc, Ks) + srcv.shape[2:])
+        srcv = np.moveaxis(srcv, 0, 3)  # (cb, Ks, H, nb, *rest)
+        org0 = s0 * t0 * pt - lo0
+        for ks in range(Ks):
+            for j, (sl, org) in enumerate(rest_src):
+                v = srcv[(slice(None), ks, slice(None), slice(None)) + sl]
+                _fill_padded(S[:, :, ks, j], v, (org0, 0) + org)
+        T = arena.take((cbc, pt, Ko, b.K, Ks, Jr), cdt)
+        b.build_t(T, W[c0:c1])
+        Sf = S.reshape(-1)
+        tile = s0 * pt * Ks * Jr * cols
+        B = np.lib.stride_tricks.as_strided(
+            Sf, shape=(cbc, ntc, b.Kp, cols),
+            strides=(R * Ks * Jr * cols * it, tile * it, cols * it, it), writeable=False)
+        O = arena.take((cbc, ntc, pt * Ko, cols), cdt)
+        np.matmul(T.reshape(cbc, 1, pt * Ko, b.Kp), B, out=O)
+        r0 = t0 * pt
+        r1 = min(P0, t1 * pt)
+        Ov = O.reshape((cbc, ntc * pt, Ko, nbc) + b.out_sp[1:])[:, :r1 - r0]
+        Ov = np.moveaxis(Ov, 3, 0)  # (nb, cb, rows, Ko, *rest)
+        tgt = out[n0:n1, c0 * Ko:c1 * Ko, r0:r1]
+        tgt = tgt.reshape((nbc, cbc, Ko) + tgt.shape[2:])
+        tgt = np.moveaxis(tgt, 2, 3)  # (nb, cb, rows, Ko, *rest)
+        if bias_v is None:
+            np.copyto(tgt, Ov, casting="unsafe")
+        else:
+            bv = bias_v[c0:c1].reshape((1, cbc, 1, Ko) + (1,) * (nd - 1))
+            np.add(Ov, bv, out=tgt, casting="unsafe")
+
+    _run_parallel(chunks, workers, arena_bytes, work)
+
+
+def _band_args(g):
+    """(in_sp, out_sp, kernel, stride, dil, pad_lo) with 1-D promoted to 2-D (H = 1)."""
+    if g.nd == 1:
+        return ((1,) + g.in_spatial, (1,) + g.out_spatial, (1,) + g.kernel, (1,) + g.stride,
+                (1,) + g.dilation, (0,) + g.pad_lo)
+    return g.in_spatial, g.out_spatial, g.kernel, g.stride, g.dilation, g.pad_lo
+
+
+def forward_band(p, x, w, b, y):
+    g = p.g
+    in_sp, out_sp, kernel, stride, dil, lo = _band_args(g)
+    xv = x.reshape(x.shape[:2] + in_sp)
+    yv = y.reshape(y.shape[:2] + out_sp)
+    W = np.ascontiguousarray(w.reshape((g.C, g.Kg, 1, kernel[0], -1)), dtype=p.cdt)
+    band = _Band(in_sp, out_sp, kernel, stride, dil, 1, g.Kg, _GEMM_TILE_ROWS)
+    _band_pass(p, xv, W, yv, b, band, lo)
+
+
+def input_grad_band(p, gy, w, gx):
+    """Stride 1 only: gx = correlation of gy (offset eff-1-lo) with the flipped kernel,
+    the channel multiplier summed inside the GEMM (Ks = Kg)."""
+    g = p.g
+    in_sp, out_sp, kernel, stride, dil, lo = _band_args(g)
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dil)]
+    lo2 = tuple(e - 1 - l for e, l in zip(eff, lo))
+    gyv = gy.reshape(gy.shape[:2] + out_sp)
+    gxv = gx.reshape(gx.shape[:2] + in_sp)
+    wf = w.reshape((g.C, g.Kg) + kernel)[(slice(None), slice(None)) +
+                                         (slice(None, None, -1),) * len(kernel)]
+    W = np.ascontiguousarray(wf.reshape((g.C, 1, g.Kg, kernel[0], -1)), dtype=p.cdt)
+    band = _Band(out_sp, in_sp, kernel, (1,) * len(kernel), dil, g.Kg, 1, _GEMM_TILE_ROWS)
+    _band_pass(p, gyv, W, gxv, None, band, lo2)
