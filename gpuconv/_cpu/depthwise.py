@@ -17,7 +17,11 @@ from .dense import _in_rows_for, _needs_slab, _out_rows_for, _slab, _tap_range, 
 from .parallel import run_parallel as _run_parallel
 from .parallel import run_parallel_sum as _run_parallel_sum
 from .workspace import arena_bytes as _arena_bytes
+from .workspace import _UFUNC_RESERVE
+from .workspace import acquire as _acquire
 from .workspace import budget as _budget
+from .workspace import get_workspace_limit as _get_workspace_limit
+from .workspace import release as _release
 
 # elements of one output block.  Blocks that fit L2 (~48 K) are fastest on one
 # thread, but every ufunc call then lasts only microseconds and two threads spend more
@@ -517,7 +521,10 @@ def weight_grad(p, x, gy):
 # the horizontal ones in K'.  The result is laid out (c, t, pp, ko, n, q) and copied
 # (with the bias and the cast to the output dtype) into the output once.
 
-_GEMM_TILE_ROWS = 8          # Pt: output rows of dim 0 per tile (band overhead (Pt+kh-1)/Pt)
+# Pt: output rows of dim 0 per tile.  The GEMM does (s0*(Pt-1) + kh) / kh times the
+# useful work (1.4x for 7x7, 2x for 3x3 at Pt = 4); larger Pt makes it larger, smaller Pt
+# makes each GEMM too thin for BLAS (measured: Pt = 4 best for 3x3 and 7x7, s = 1 and 2).
+_GEMM_TILE_ROWS = 4
 _GEMM_CHUNK_BYTES = 1 << 20  # about this much of S per chunk (kept in L2)
 
 
@@ -528,7 +535,8 @@ class _Band:
         self.in_sp, self.out_sp = tuple(in_sp), tuple(out_sp)
         self.kernel, self.stride, self.dil = tuple(kernel), tuple(stride), tuple(dil)
         self.Ks, self.Ko = Ks, Ko
-        self.pt = max(1, min(pt, out_sp[0]))
+        # kh = 1: the band is diagonal (Pt times the work), so one row per tile
+        self.pt = 1 if kernel[0] == 1 else max(1, min(pt, out_sp[0]))
         self.Jr = math.prod(kernel[1:])
         self.Qr = math.prod(out_sp[1:])
         self.K = stride[0] * (self.pt - 1) + (kernel[0] - 1) * dil[0] + 1
@@ -572,12 +580,16 @@ def _band_pass(p, src, W, out, bias, band, pad_lo):
     if out.size == 0:
         return
     nt_all = -(-P0 // pt)
-    budget = _budget(workers)
-    cast = out.dtype != cdt
+    limit = _get_workspace_limit()
+    # the band matrices of every channel, built once, when they take a small part of
+    # the workspace; else each chunk builds its own in its arena
+    t_all_bytes = _arena_bytes([b.t_elems(C) * it])
+    shared_t = t_all_bytes <= limit // 8
+    budget = max(1, (limit - (t_all_bytes if shared_t else 0)) // workers - _UFUNC_RESERVE)
 
     def nbytes(cb, nb, nt):
         return _arena_bytes([b.s_elems(cb, nb, nt) * it, b.o_elems(cb, nb, nt) * it,
-                             b.t_elems(cb) * it])
+                             0 if shared_t else b.t_elems(cb) * it])
 
     # chunk = (images, channels, tiles): about _GEMM_CHUNK_BYTES of S, >= 2 chunks per
     # worker when possible, within the per-worker budget.
@@ -610,58 +622,102 @@ def _band_pass(p, src, W, out, bias, band, pad_lo):
               for t0 in range(0, nt_all, nt)]
     arena_bytes = nbytes(cb, nb, nt)
     nd = len(b.in_sp)
-    s0, lo0 = b.stride[0], pad_lo[0]
-    # per rest tap: (slice of the source's rest dims, origin) as in _Flat.fill
-    rest_src = []
+    s0, lo0, H = b.stride[0], pad_lo[0], b.in_sp[0]
+    # per rest tap: the valid output box [q0, q1) per rest dim and the source slices
+    rest = []
     for jr in b.rest_taps:
-        sl, org = [], []
+        box, sl = [], []
         for d in range(1, nd):
-            s, m = b.stride[d], jr[d - 1] * b.dil[d] - pad_lo[d]
-            i0 = max(0, -(-(-m) // s))
-            start = s * i0 + m
-            sl.append(slice(start, None, s) if start < b.in_sp[d] else slice(0, 0))
-            org.append(-i0)
-        rest_src.append((tuple(sl), tuple(org)))
+            s, m, n_in, n_out = b.stride[d], jr[d - 1] * b.dil[d] - pad_lo[d], b.in_sp[d], b.out_sp[d]
+            q0 = min(n_out, max(0, -(-(-m) // s)))  # first q with s*q + m >= 0
+            q1 = max(q0, min(n_out, -(-(n_in - m) // s)))  # first q with s*q + m >= n_in
+            box.append(slice(q0, q1))
+            sl.append(slice(s * q0 + m, s * (q1 - 1) + m + 1, s) if q1 > q0 else None)
+        rest.append((tuple(box), None if None in sl else tuple(sl)))
+    rd = tuple(range(4, nd + 3))
+    src_axes = (1, 3, 2, 0) + rd  # (nb, cb, Ks, H, *rest) -> (cb, H, Ks, nb, *rest)
+    o_axes = (3, 0, 1, 2) + rd    # (cb, rows, Ko, nb, *rest) -> (nb, cb, rows, Ko, *rest)
+    t_axes = (0, 1, 3, 2) + rd    # (nb, cb, Ko, rows, *rest) -> (nb, cb, rows, Ko, *rest)
     bias_v = None if bias is None else bias.reshape(C, Ko)
+    t_arena = None
+    if shared_t:
+        t_arena = _acquire(t_all_bytes)
+        T_all = t_arena.take((C, pt, Ko, b.K, Ks, Jr), cdt)
+        b.build_t(T_all, W)
 
-    def work(arena, _st, ch):
+    def init(_arena):
+        return {"key": None}
+
+    def work(arena, st, ch):
         n0, n1, c0, c1, t0, t1 = ch
         arena.reset()
         cbc, nbc, ntc = c1 - c0, n1 - n0, t1 - t0
         R = b.rows_in(ntc)
         cols = nbc * Qr
-        S = arena.take((cbc, R, Ks, Jr, nbc) + b.out_sp[1:], cdt)
-        srcv = src[n0:n1, c0 * Ks:c1 * Ks]
-        srcv = srcv.reshape((nbc, cbc, Ks) + srcv.shape[2:])
-        srcv = np.moveaxis(srcv, 0, 3)  # (cb, Ks, H, nb, *rest)
-        org0 = s0 * t0 * pt - lo0
-        for ks in range(Ks):
-            for j, (sl, org) in enumerate(rest_src):
-                v = srcv[(slice(None), ks, slice(None), slice(None)) + sl]
-                _fill_padded(S[:, :, ks, j], v, (org0, 0) + org)
-        T = arena.take((cbc, pt, Ko, b.K, Ks, Jr), cdt)
-        b.build_t(T, W[c0:c1])
-        Sf = S.reshape(-1)
+        S = arena.take((cbc, R, Ks, Jr, nbc) + b.out_sp[1:], cdt)  # at offset 0
+        if st["key"] != (cbc, nbc, ntc):
+            # the zero columns (taps reading the padding) sit at the same place in every
+            # chunk of this shape: written once per worker
+            st["key"] = (cbc, nbc, ntc)
+            for j, (box, sl) in enumerate(rest):
+                Sj = S[:, :, :, j]
+                if sl is None:
+                    Sj[...] = 0
+                    continue
+                for d, bs in enumerate(box):
+                    q0, q1 = bs.start, bs.stop
+                    ax = 4 + d
+                    lead = (slice(None),) * ax
+                    if q0 > 0:
+                        Sj[lead + (slice(0, q0),)] = 0
+                    if q1 < Sj.shape[ax]:
+                        Sj[lead + (slice(q1, None),)] = 0
+        org0 = s0 * t0 * pt - lo0  # S row r reads source row r + org0
+        ra, rb = max(0, -org0), min(R, H - org0)  # S rows that read source rows
+        if rb <= ra:
+            S[...] = 0
+        else:
+            if ra > 0:
+                S[:, :ra] = 0
+            if rb < R:
+                S[:, rb:] = 0
+        if rb > ra:
+            srcv = src[n0:n1, c0 * Ks:c1 * Ks, ra + org0:rb + org0]
+            srcv = srcv.reshape((nbc, cbc, Ks) + srcv.shape[2:]).transpose(src_axes)
+            lead = (slice(None), slice(ra, rb), slice(None))
+            all4 = (slice(None),) * 4
+            for j, (box, sl) in enumerate(rest):
+                if sl is not None:  # (cb, rows, Ks, nb, *rest)
+                    np.copyto(S[lead + (j, slice(None)) + box], srcv[all4 + sl],
+                              casting="unsafe")
+        if shared_t:
+            T = T_all[c0:c1]
+        else:
+            T = arena.take((cbc, pt, Ko, b.K, Ks, Jr), cdt)
+            b.build_t(T, W[c0:c1])
+        # the tiles of S as overlapping (K' x cols) matrices; S starts the arena
         tile = s0 * pt * Ks * Jr * cols
-        B = np.lib.stride_tricks.as_strided(
-            Sf, shape=(cbc, ntc, b.Kp, cols),
-            strides=(R * Ks * Jr * cols * it, tile * it, cols * it, it), writeable=False)
+        B = np.ndarray((cbc, ntc, b.Kp, cols), dtype=cdt, buffer=arena.buf, offset=0,
+                       strides=(R * Ks * Jr * cols * it, tile * it, cols * it, it))
         O = arena.take((cbc, ntc, pt * Ko, cols), cdt)
         np.matmul(T.reshape(cbc, 1, pt * Ko, b.Kp), B, out=O)
         r0 = t0 * pt
         r1 = min(P0, t1 * pt)
         Ov = O.reshape((cbc, ntc * pt, Ko, nbc) + b.out_sp[1:])[:, :r1 - r0]
-        Ov = np.moveaxis(Ov, 3, 0)  # (nb, cb, rows, Ko, *rest)
+        Ov = Ov.transpose(o_axes)  # (nb, cb, rows, Ko, *rest)
         tgt = out[n0:n1, c0 * Ko:c1 * Ko, r0:r1]
-        tgt = tgt.reshape((nbc, cbc, Ko) + tgt.shape[2:])
-        tgt = np.moveaxis(tgt, 2, 3)  # (nb, cb, rows, Ko, *rest)
+        tgt = tgt.reshape((nbc, cbc, Ko) + tgt.shape[2:]).transpose(t_axes)
         if bias_v is None:
             np.copyto(tgt, Ov, casting="unsafe")
         else:
             bv = bias_v[c0:c1].reshape((1, cbc, 1, Ko) + (1,) * (nd - 1))
             np.add(Ov, bv, out=tgt, casting="unsafe")
 
-    _run_parallel(chunks, workers, arena_bytes, work)
+    try:
+        _run_parallel(chunks, workers, arena_bytes, work, init)
+    finally:
+        if t_arena is not None:
+            _release(t_arena)
 
 
 def _band_args(g):
