@@ -1,8 +1,12 @@
 """CPU depthwise passes (one input channel per group, any channel multiplier).
 
-They run as loops over kernel taps of in-cache ufuncs on blocks of channels and
-never call BLAS per channel.  Two forms: the "flat" tap loop over a zero-padded
-box flattened to 1-D (equal strides in every dim), and the row-wise tap loop.
+* forward (every stride) and the stride-1 input grad: the banded GEMM
+  (:func:`forward_band`, :func:`input_grad_band`, see "banded GEMM" below): one
+  batched BLAS matmul per chunk of channels, images and row tiles;
+* the strided input grad and the weight grad: loops over kernel taps of in-cache
+  ufuncs on blocks of channels, in two forms: the "flat" tap loop over a zero-padded
+  box flattened to 1-D (equal strides in every dim), and the row-wise tap loop (the
+  flat forward / stride-1 input grad stay as references for benchmarks).
 Every pass takes a :class:`gpuconv._cpu.dense.Pass` context first.
 """
 from __future__ import annotations
