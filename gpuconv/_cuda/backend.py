@@ -14,8 +14,9 @@ import os
 import numpy as np
 
 from .. import _geometry as geo
+from . import depthwise as dw
 from . import launch
-from .plans import (THREADS, TILE_K, TILE_N, dgrad_phases, geo_args, m_tiles,
+from .plans import (THREADS, TILE_K, TILE_N, _algo, dgrad_phases, geo_args, m_tiles,
                     split_reduction, tile_smem, use_tiled, wgrad_plan)
 from .sources import ModuleCache
 
@@ -47,6 +48,9 @@ class CudaBackend:
             return self._forward(x, w, bias, g)
 
     def _forward(self, x, w, bias, g):
+        p = dw.plans(g, _algo())
+        if p is not None:
+            return dw.forward(self, x, w, bias, g, p[0])
         rt = self.rt
         xc, wc = rt.ascontiguous(x), rt.ascontiguous(w)
         bc = rt.ascontiguous(bias) if bias is not None else wc
@@ -67,6 +71,9 @@ class CudaBackend:
     def input_grad(self, gy, w, g):
         rt = self.rt
         with rt.device_scope(gy):
+            p = dw.plans(g, _algo())
+            if p is not None:
+                return dw.input_grad(self, gy, w, g, p[1])
             g2 = geo.dgrad_as_forward(g)
             if g2 is not None and use_tiled(g2):
                 return self._forward(gy, geo.flip_weight(w, g), None, g2)
@@ -80,6 +87,10 @@ class CudaBackend:
 
     def weight_grad(self, x, gy, g):
         rt = self.rt
+        p = dw.plans(g, _algo())
+        if p is not None:
+            with rt.device_scope(x):
+                return dw.weight_grad(self, x, gy, g, p[2])
         welems = math.prod(g.w_shape)
         red = g.N * math.prod(g.out_spatial)
         tiled = use_tiled(g)

@@ -63,10 +63,11 @@ def wgrad_plan(welems: int, red: int, target_blocks: int = 2048,
 
 
 def _algo():
-    """GPUCONV_CUDA_ALGO: 'auto' (default), 'direct' or 'tiled' (tests force each)."""
+    """GPUCONV_CUDA_ALGO: 'auto' (default), 'direct', 'tiled' or 'depthwise' (tests
+    force each; 'depthwise' sends every geometry the depthwise kernels fit to them)."""
     a = os.environ.get("GPUCONV_CUDA_ALGO", "auto").strip().lower() or "auto"
-    if a not in ("auto", "direct", "tiled"):
-        raise ValueError(f"GPUCONV_CUDA_ALGO={a!r}: expected auto, direct or tiled")
+    if a not in ("auto", "direct", "tiled", "depthwise"):
+        raise ValueError(f"GPUCONV_CUDA_ALGO={a!r}: expected auto, direct, tiled or depthwise")
     return a
 
 
