@@ -8,6 +8,7 @@ involved.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -51,6 +52,12 @@ DTYPES = {d.name: d for d in (
 DTYPES_TEXT = "float16, bfloat16 (ml_dtypes), float32 and float64"
 
 
+@functools.lru_cache(maxsize=64)
+def dtype_name(dt: np.dtype) -> str:
+    """``dt.name``, cached (numpy derives the name anew on every access: per-call cost)."""
+    return dt.name
+
+
 def resolve_dtype(dtype, what: str = "dtype") -> np.dtype:
     """A supported dtype from a dtype or its name ('bfloat16' needs ml_dtypes)."""
     if isinstance(dtype, str) and dtype == "bfloat16":
@@ -80,7 +87,7 @@ def available_dtypes() -> list:
 def accumulate_dtype(dtype) -> np.dtype:
     """The type sums are accumulated in: float64 for float64, float32 otherwise
     (half types are accumulated in float32 and rounded once)."""
-    return np.dtype(DTYPES[np.dtype(dtype).name].accumulate)
+    return np.dtype(DTYPES[dtype_name(np.dtype(dtype))].accumulate)
 
 
 def effective_kernel(k: int, d: int) -> int:
@@ -154,11 +161,11 @@ class ConvGeometry:
         """Per spatial dim, the extent of the dilated kernel: dilation*(k-1) + 1."""
         return tuple(effective_kernel(k, d) for k, d in zip(self.kernel, self.dilation))
 
-    @property
+    @functools.cached_property  # (the instance dict: fields, hash and equality unchanged)
     def dtype_info(self) -> DtypeInfo:
-        return DTYPES[np.dtype(self.dtype).name]
+        return DTYPES[dtype_name(np.dtype(self.dtype))]
 
-    @property
+    @functools.cached_property
     def accumulate_dtype(self) -> np.dtype:
         return accumulate_dtype(self.dtype)
 
@@ -270,7 +277,7 @@ def check_dtype(op: str, arrays: dict) -> np.dtype:
         if a is None:
             continue
         dt = np.dtype(a.dtype)
-        if dt.name not in DTYPES:
+        if dtype_name(dt) not in DTYPES:
             raise TypeError(f"{op}: {name} has dtype {dt.name}; supported dtypes are {DTYPES_TEXT}")
         dtypes[name] = dt
     if len(set(dtypes.values())) > 1:
@@ -422,6 +429,7 @@ def leading_box(spatial) -> tuple:
 
 
 # ----------------------------------------------------------------------------- input gradient
+@functools.lru_cache(maxsize=1024)
 def dgrad_as_forward(g: ConvGeometry):
     """Geometry of the stride-1 input gradient written as a forward convolution of
     grad_out with the flipped, channel-swapped weight (:func:`flip_weight`), or None

@@ -26,6 +26,7 @@ from .sources import DW_RW
 MAX_CG = 4      # input channels per group the depthwise kernels take in auto mode
 MAX_KG = 8      # output channels per group (channel multiplier) in auto mode
 THREADS = launch.DEFAULT_THREADS
+_HAS_BIAS = {False: (np.int32(0),), True: (np.int32(1),)}
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,9 @@ class DwTile:
     def TH(self):
         return self.TY
 
+    @functools.cached_property
     def args(self):
+        """The GC_DW_TILE_PARAMS scalars (built once per plan)."""
         return tuple(np.int32(v) for v in (self.TX, self.TY, self.P, self.SROWS, self.SCOLS,
                                            self.tiles_w))
 
@@ -151,7 +154,7 @@ def forward(be, x, w, bias, g, tile):
     OD = _three(g.out_spatial, 1)[0]
     grid_x = max(1, min(-(-(g.N * g.K) // tile.P), rt.max_blocks_1d))
     cfg = launch.LaunchConfig((grid_x, tile.tiles_w * tile.tiles_h, OD), (tile.TX, tile.TY, tile.P))
-    args = ((xc, wc, bc, y) + _geo(g) + (np.int32(bias is not None),) + tile.args())
+    args = (xc, wc, bc, y) + _geo(g) + _HAS_BIAS[bias is not None] + tile.args
     launch.launch(rt, fn, cfg, args, shared_mem=tile.smem)
     return y
 
@@ -167,7 +170,7 @@ def input_grad(be, gy, w, g, mode):
     D = _three(g.in_spatial, 1)[0]
     grid_x = max(1, min(-(-(g.N * g.C) // tile.P), rt.max_blocks_1d))
     cfg = launch.LaunchConfig((grid_x, tile.tiles_w * tile.tiles_h, D), (tile.TX, tile.TY, tile.P))
-    args = (gyc, wc, gx) + _geo(g) + _phases(g) + tile.args()
+    args = (gyc, wc, gx) + _geo(g) + _phases(g) + tile.args
     launch.launch(rt, fn, cfg, args, shared_mem=tile.smem)
     return gx
 
@@ -181,7 +184,7 @@ def weight_grad(be, x, gy, g, tile):
     gw = rt.empty(g.w_shape, g.dtype)
     fn, _ = be._fn("dw", g, xc.size, gyc.size, splits * welems, kind="dw_wgrad")
     cfg = launch.LaunchConfig((grid_x, splits, 1), (THREADS, 1, 1))
-    launch.launch(rt, fn, cfg, (xc, gyc, partial) + _geo(g) + tile.args() + (np.int32(chunk),),
+    launch.launch(rt, fn, cfg, (xc, gyc, partial) + _geo(g) + tile.args + (np.int32(chunk),),
                   shared_mem=tile.smem)
     red = be.modules.function("dw", f"gpuconv_dw_wgrad_reduce_{g.dtype_info.suffix}")
     launch.launch(rt, red, be._grid_1d(welems), (partial, gw, np.int64(welems), np.int32(splits)))

@@ -5,6 +5,7 @@ tile constants from :mod:`gpuconv._cuda.sources` (which writes them into the ker
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -19,6 +20,9 @@ from .sources import TILE_K, TILE_M, TILE_N
 MAX_TAPS = 512
 
 
+# Plans are pure functions of the frozen geometry: cached, so a repeated call does no
+# planning (the environment that forces an algorithm is part of the key).
+@functools.lru_cache(maxsize=1024)
 def geo_args(g):
     """The GC_GEO_PARAMS scalars of common.cuh: 3 spatial dims, leading dims padded with 1."""
     pad = 3 - g.nd
@@ -32,6 +36,7 @@ def geo_args(g):
     return tuple(np.int32(v) for v in vals)
 
 
+@functools.lru_cache(maxsize=1024)
 def dgrad_phases(g):
     """The stride phases of :func:`gpuconv._geometry.stride_phases` as kernel scalars."""
     return tuple(np.int32(v) for v in geo.stride_phases(g))
@@ -77,12 +82,16 @@ def m_tiles(g) -> int:
 
 
 def use_tiled(g) -> bool:
+    return _use_tiled(g, _algo())
+
+
+@functools.lru_cache(maxsize=1024)
+def _use_tiled(g, algo) -> bool:
     """Implicit-GEMM tiles pay off for dense/grouped layers; depthwise-like layers
     (few channels per group) use the direct kernels.  Grid y = groups * M tiles
     must fit 65535."""
     fits = (m_tiles(g) <= MAX_GRID[1] and g.taps <= MAX_TAPS
             and math.prod(g.in_spatial) <= INT32_LIMIT)  # tap offsets are 32-bit
-    algo = _algo()
     if algo == "direct" or not fits:
         return False
     if algo == "tiled":

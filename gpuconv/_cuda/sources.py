@@ -114,6 +114,7 @@ class ModuleCache:
     def __init__(self, runtime):
         self.runtime = runtime
         self._modules = {}
+        self._functions = {}
 
     def module(self, pass_name):
         key = (self.runtime.device_key(), pass_name)
@@ -125,7 +126,11 @@ class ModuleCache:
         return mod
 
     def function(self, pass_name, name):
-        return self.runtime.get_function(self.module(pass_name), name)
+        key = (self.runtime.device_key(), pass_name, name)
+        fn = self._functions.get(key)
+        if fn is None:
+            fn = self._functions[key] = self.runtime.get_function(self.module(pass_name), name)
+        return fn
 
     def precompile(self):
         for p in PASSES:
