@@ -72,7 +72,7 @@ CASES = {
     # a long 1-d row: several tiles along the row (TW = 128)
     "1d-long": ((1, 2, 300), (2, 1, 5), dict(padding=2, groups=2)),
     # a tall narrow plane: several tiles along the column
-    "2d-tall": ((1, 2, 300, 3), (2, 1, 3, 1), dict(padding=(1, 0), groups=2)),
+    "2d-tall": ((1, 2, 1100, 3), (2, 1, 3, 1), dict(padding=(1, 0), groups=2)),
     # small planes: several planes per block (threadIdx.z), stride 2 (phases)
     "2d-small-planes": ((3, 4, 3, 3), (4, 1, 3, 3), dict(stride=2, padding=1, groups=4)),
     # a 7x7 (ConvNeXt) with stride 1
@@ -95,6 +95,9 @@ def test_every_case_is_taken_by_the_depthwise_family():
     assert modes["2d-dw-pad>reach"] == "phase"
     tiles = {n: dw.plans(conv_geometry("t", *c[:2], **c[2]), "auto")[0] for n, c in CASES.items()}
     assert tiles["1d-long"].tiles_w > 1 and tiles["2d-tall"].tiles_h > 1
+    # rows per thread: 4 at unit row stride and dilation (forward and flipped input grad)
+    assert tiles["2d-7x7"].RH == 4 and tiles["2d-tall"].RH == 4
+    assert tiles["2d-dw-s2-same"].RH == 1 and tiles["2d-mult2-dil"].RH == 1
     assert tiles["2d-small-planes"].P > 1 and tiles["2d-small-planes"].P * 3 * 3 <= 256
     dg = {n: dw.plans(conv_geometry("t", *c[:2], **c[2]), "auto")[1][2] for n, c in CASES.items()}
     assert dg["2d-small-planes"].P > 1 and dg["1d-long"].tiles_w > 1

@@ -87,6 +87,10 @@ BUGS = {
     "dropped halo barrier (wgrad)": dict(
         pass_name="wgrad", mutate=inject(FILE, "gc_dw_wgrad(", "__syncthreads();", ";"),
         expect=ERR_OR_MISMATCH),
+    # the forward's row window: the weights are not shifted with the input row
+    "row-window weights not shifted (fwd)": dict(
+        pass_name="fwd", mutate=inject(FILE, "gc_dw_fwd(", "wwin[r] = wwin[r - 1];", ";"),
+        expect=ERR_OR_MISMATCH),
     # the 16-byte load keeps one element short: proves the vector path runs
     "vector load drops an element": dict(
         pass_name="fwd", mutate=inject(FILE, "gc_dw_vload(", "i < (int)(16 / sizeof(T))",

@@ -21,7 +21,7 @@ from .. import _geometry as geo
 from .._runtimes.limits import MAX_GRID, SHARED_MEM_PER_BLOCK
 from . import launch
 from .plans import dgrad_phases, geo_args, split_reduction
-from .sources import DW_RW
+from .sources import DW_RH, DW_RW
 
 MAX_CG = 4      # input channels per group the depthwise kernels take in auto mode
 MAX_KG = 8      # output channels per group (channel multiplier) in auto mode
@@ -34,6 +34,7 @@ class DwTile:
     TX: int
     TY: int
     P: int
+    RH: int
     SROWS: int
     SCOLS: int
     tiles_w: int
@@ -46,13 +47,13 @@ class DwTile:
 
     @property
     def TH(self):
-        return self.TY
+        return self.TY * self.RH
 
     @functools.cached_property
     def args(self):
         """The GC_DW_TILE_PARAMS scalars (built once per plan)."""
-        return tuple(np.int32(v) for v in (self.TX, self.TY, self.P, self.SROWS, self.SCOLS,
-                                           self.tiles_w))
+        return tuple(np.int32(v) for v in (self.TX, self.TY, self.P, self.RH, self.SROWS,
+                                           self.SCOLS, self.tiles_w))
 
 
 def _pow2_at_least(v):
@@ -87,12 +88,15 @@ def tile_plan(g, kind):
         tx = _round_up(tx, sw)   # columns tx + TX*j share one stride phase
         if tx > THREADS:
             return None
-    ty = max(1, min(H, THREADS // tx))
+    # rows per thread: the forward at unit row stride and dilation reuses each loaded
+    # shared value for DW_RH rows
+    rh = DW_RH if (kind == "fwd" and sh == 1 and dh == 1 and H >= DW_RH) else 1
+    ty = max(1, min(-(-H // rh), THREADS // tx))
     planes = g.N * (g.C if kind == "dgrad" else g.K)
     p = 1 if kind == "wgrad" else max(1, min(planes, THREADS // (tx * ty)))
 
     def size(ty, p):
-        TW, TH = tx * DW_RW, ty
+        TW, TH = tx * DW_RW, ty * rh
         if kind == "dgrad":
             rows = (TH - 1 + (KH - 1) * dh) // sh + 2
             cols = _round_up((TW - 1 + (KW - 1) * dw) // sw + 2 + V - 1, V)
@@ -115,10 +119,10 @@ def tile_plan(g, kind):
     if smem > SHARED_MEM_PER_BLOCK:
         return None
     tiles_w = -(-W // (tx * DW_RW))
-    tiles_h = -(-H // ty)
+    tiles_h = -(-H // (ty * rh))
     if tiles_w * tiles_h > MAX_GRID[1] or D > MAX_GRID[2]:
         return None
-    return DwTile(tx, ty, p, rows, cols, tiles_w, tiles_h, smem)
+    return DwTile(tx, ty, p, rh, rows, cols, tiles_w, tiles_h, smem)
 
 
 @functools.lru_cache(maxsize=1024)
