@@ -161,11 +161,11 @@ class ConvGeometry:
         """Per spatial dim, the extent of the dilated kernel: dilation*(k-1) + 1."""
         return tuple(effective_kernel(k, d) for k, d in zip(self.kernel, self.dilation))
 
-    @functools.cached_property  # (the instance dict: fields, hash and equality unchanged)
+    @property
     def dtype_info(self) -> DtypeInfo:
         return DTYPES[dtype_name(np.dtype(self.dtype))]
 
-    @functools.cached_property
+    @property
     def accumulate_dtype(self) -> np.dtype:
         return accumulate_dtype(self.dtype)
 
