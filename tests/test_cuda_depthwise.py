@@ -178,8 +178,9 @@ def test_selection_rule():
     for algo in ("direct", "tiled"):
         assert dw.plans(mobilenet, algo) is None
     assert dw.plans(dense, "depthwise") is not None
-    # too many taps for the weight-gradient block (one thread per tap and lane)
-    assert dw.plans(mk((1, 2, 9, 9, 9), (2, 1, 7, 7, 7), padding=3, groups=2), "auto") is None
+    # kernel rows wider than the weight gradient's accumulators (DW_MAXKW)
+    assert dw.plans(mk((1, 2, 9, 12), (2, 1, 3, 9), padding=1, groups=2), "auto") is None
+    assert dw.plans(mk((1, 2, 9, 9, 9), (2, 1, 7, 7, 7), padding=3, groups=2), "auto") is not None
 
 
 def test_stride_one_input_grad_reuses_the_forward_plan():

@@ -116,8 +116,8 @@ BUGS = {
         expect=(MemoryAccessError, "mismatch")),
     # threads without a (tap, lane) leave before the barriers
     "early return before a barrier (wgrad)": dict(
-        pass_name="wgrad", mutate=inject(FILE, "gc_dw_wgrad(", "const int kw = tap % g.KW",
-                                         "if (!active) return;\n  const int kw = tap % g.KW"),
+        pass_name="wgrad", mutate=inject(FILE, "gc_dw_wgrad(", "const int kh = trow % g.KH",
+                                         "if (!active) return;\n  const int kh = trow % g.KH"),
         expect=(SyncError,)),
 }
 
@@ -152,7 +152,7 @@ def test_dropped_reuse_barrier_is_caught(monkeypatch, data, what):
                         ";  // barrier removed")
     else:
         pass_name = "wgrad"
-        mutate = inject(FILE, "sums[tid] = acc;", "__syncthreads();", ";")
+        mutate = inject(FILE, "sums[tid] = acc[kw];", "__syncthreads();", ";")
     rt = MutatedRuntime(FILE, mutate)
     rt.max_blocks_1d = 1
     results = {}

@@ -21,7 +21,7 @@ from .. import _geometry as geo
 from .._runtimes.limits import MAX_GRID, SHARED_MEM_PER_BLOCK
 from . import launch
 from .plans import dgrad_phases, geo_args, split_reduction
-from .sources import DW_RH, DW_RW
+from .sources import DW_MAXKW, DW_RH, DW_RW
 
 MAX_CG = 4      # input channels per group the depthwise kernels take in auto mode
 MAX_KG = 8      # output channels per group (channel multiplier) in auto mode
@@ -81,8 +81,8 @@ def tile_plan(g, kind):
     taps = KD * KH * KW
     V = 16 // g.dtype.itemsize
     acc = g.accumulate_dtype.itemsize
-    if kind == "wgrad" and taps > THREADS:
-        return None
+    if kind == "wgrad" and (KD * KH > THREADS or KW > DW_MAXKW):
+        return None  # a thread per kernel row and lane, KW accumulators each
     tx = min(32, _pow2_at_least(-(-W // DW_RW)))
     if kind == "dgrad":
         tx = _round_up(tx, sw)   # columns tx + TX*j share one stride phase
