@@ -33,7 +33,7 @@ from . import _geometry as geo
 from ._dispatch import (BackendUnavailableError, array_namespace, available_backends,
                         backend_info, namespace_name)
 
-__all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose2d"]
+__all__ = ["Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
 
 _DEVICES = {"numpy": "numpy", "cpu": "numpy", "cupy": "cupy", "cuda": "cupy", "gpu": "cupy"}
 
@@ -343,30 +343,16 @@ class Conv3d(_Conv):
     _nd = 3
 
 
-class ConvTranspose2d(_ConvBase):
-    """2-D transposed convolution layer, ``torch.nn.ConvTranspose2d``'s semantics.
+class _ConvTranspose(_ConvBase):
+    """Transposed convolution layers (``torch.nn.ConvTranspose{1,2,3}d``'s semantics)."""
 
-    Arguments as :class:`Conv2d` plus ``output_padding`` (int or 2-tuple, each
-    smaller than stride or dilation).  ``padding`` is an int, a 2-tuple or
-    ``((lo, hi), (lo, hi))`` (no strings).  ``weight`` is
-    ``(in_channels, out_channels // groups, kh, kw)`` as in PyTorch.
-    Output size per dim: ``(L - 1)*stride - 2*padding + dilation*(k - 1) +
-    output_padding + 1``.
-
-    >>> import numpy as np
-    >>> from gpuconv.nn import ConvTranspose2d
-    >>> up = ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1, seed=0)
-    >>> up(np.ones((1, 4, 5, 5), np.float32)).shape
-    (1, 2, 10, 10)
-    """
-    _nd = 2
     _transposed = True
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  output_padding=0, groups=1, bias=True, dilation=1, *, dtype=np.float32,
                  seed=None, rng=None, device="numpy"):
         if isinstance(padding, str):
-            raise ValueError(f"ConvTranspose2d: padding={padding!r}: string padding is not "
+            raise ValueError(f"{type(self).__name__}: padding={padding!r}: string padding is not "
                              f"supported for transposed convolutions (as in PyTorch)")
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, output_padding=output_padding, dtype=dtype, seed=seed,
@@ -394,3 +380,53 @@ class ConvTranspose2d(_ConvBase):
         return _api.conv_transpose_output_shape(
             x_shape, self.weight.shape, stride=self.stride, padding=self.padding,
             output_padding=self.output_padding, dilation=self.dilation, groups=self.groups)
+
+
+class ConvTranspose1d(_ConvTranspose):
+    """1-D transposed convolution layer, ``torch.nn.ConvTranspose1d``'s semantics.
+
+    Arguments as :class:`Conv1d` plus ``output_padding`` (int or 1-tuple, smaller
+    than stride or dilation).  ``padding`` is an int, a 1-tuple or ``((lo, hi),)``
+    (no strings).  ``weight`` is ``(in_channels, out_channels // groups, k)``.
+    Output length: ``(L - 1)*stride - 2*padding + dilation*(k - 1) + output_padding + 1``.
+
+    >>> import numpy as np
+    >>> from gpuconv.nn import ConvTranspose1d
+    >>> ConvTranspose1d(4, 2, 4, stride=2, padding=1, seed=0)(np.ones((1, 4, 5), np.float32)).shape
+    (1, 2, 10)
+    """
+    _nd = 1
+
+
+class ConvTranspose2d(_ConvTranspose):
+    """2-D transposed convolution layer, ``torch.nn.ConvTranspose2d``'s semantics.
+
+    Arguments as :class:`Conv2d` plus ``output_padding`` (int or 2-tuple, each
+    smaller than stride or dilation).  ``padding`` is an int, a 2-tuple or
+    ``((lo, hi), (lo, hi))`` (no strings).  ``weight`` is
+    ``(in_channels, out_channels // groups, kh, kw)`` as in PyTorch.
+    Output size per dim: ``(L - 1)*stride - 2*padding + dilation*(k - 1) +
+    output_padding + 1``.
+
+    >>> import numpy as np
+    >>> from gpuconv.nn import ConvTranspose2d
+    >>> up = ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1, seed=0)
+    >>> up(np.ones((1, 4, 5, 5), np.float32)).shape
+    (1, 2, 10, 10)
+    """
+    _nd = 2
+
+
+class ConvTranspose3d(_ConvTranspose):
+    """3-D transposed convolution layer, ``torch.nn.ConvTranspose3d``'s semantics.
+
+    Arguments as :class:`Conv3d` plus ``output_padding`` (int or 3-tuple);
+    ``weight`` is ``(in_channels, out_channels // groups, kd, kh, kw)``.
+
+    >>> import numpy as np
+    >>> from gpuconv.nn import ConvTranspose3d
+    >>> up = ConvTranspose3d(2, 3, 2, stride=(1, 2, 2), seed=0)
+    >>> up(np.ones((1, 2, 3, 4, 4), np.float32)).shape
+    (1, 3, 4, 8, 8)
+    """
+    _nd = 3

@@ -296,3 +296,39 @@ def test_docstring_examples():
     import doctest
     res = doctest.testmod(nn, optionflags=doctest.ELLIPSIS)
     assert res.attempted > 0 and res.failed == 0
+
+
+@pytest.mark.parametrize("cls,args,kwargs,spatial", [
+    (nn.ConvTranspose1d, (4, 6, 3), dict(stride=3, padding=2, output_padding=1, groups=2), (6,)),
+    (nn.ConvTranspose1d, (3, 2, 2), dict(dilation=3, output_padding=2, bias=False), (5,)),
+    (nn.ConvTranspose3d, (2, 3, (2, 3, 2)), dict(stride=(1, 2, 2), padding=(0, 1, 0)), (3, 3, 4)),
+])
+def test_conv_transpose1d_3d_match_reference(cls, args, kwargs, spatial):
+    """Transposed layer = input gradient of the matching convolution, on the float64
+    reference; its backward = that convolution (cropped) and its weight gradient."""
+    rng = np.random.default_rng(8)
+    layer = cls(*args, **kwargs, dtype=np.float64, seed=6)
+    nd = len(spatial)
+    assert layer.weight.shape == (args[0], args[1] // layer.groups) + layer.kernel_size
+    x = rng.standard_normal((2, args[0]) + spatial)
+    pairs = tuple((p, p) for p in layer.padding)
+    out = tuple((l - 1) * s - 2 * p + d * (k - 1) + o + 1 for l, s, p, d, k, o in
+                zip(spatial, layer.stride, layer.padding, layer.dilation, layer.kernel_size,
+                    layer.output_padding))
+    z_shape = (2, layer.out_channels) + out
+    kw = dict(stride=layer.stride, padding=pairs, dilation=layer.dilation, groups=layer.groups)
+    g = ref.geometry(z_shape, layer.weight.shape, **kw)
+    x_full = np.zeros(g.y_shape)
+    crop = (slice(None), slice(None)) + tuple(slice(0, l) for l in spatial)
+    x_full[crop] = x
+    y_ref = ref.conv_input_grad(x_full, layer.weight, z_shape, **kw)
+    if layer.bias is not None:
+        y_ref = y_ref + layer.bias.reshape((1, -1) + (1,) * nd)
+    gy = rng.standard_normal(z_shape)
+    y = layer(x)
+    gx = layer.backward(gy)
+    assert _rel(y, y_ref) < 1e-12
+    assert _rel(gx, ref.conv(gy, layer.weight, **kw)[crop]) < 1e-12
+    assert _rel(layer.weight_grad, ref.conv_weight_grad(gy, x_full, layer.weight.shape, **kw)) < 1e-12
+    if layer.bias is not None:
+        assert _rel(layer.bias_grad, ref.conv_bias_grad(gy)) < 1e-12

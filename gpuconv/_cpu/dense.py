@@ -27,6 +27,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .._geometry import ConvGeometry
+from .parallel import matmul
 from .parallel import run_parallel as _run_parallel
 from .parallel import run_parallel_sum as _run_parallel_sum
 from .workspace import arena_bytes as _arena_bytes
@@ -266,12 +267,12 @@ def forward(p, x, w, b, y):
         colsm = _columns(src, g, nbc, rows, arena, cdt, direct)
         if nbc == 1 and not cast_out:
             dst = _view(y[n0, :, p0:p1], (G, Kg, L))  # y is fresh and contiguous
-            np.matmul(wm, colsm, out=dst)
+            matmul(wm, colsm, dst)
             if bias_v is not None:
                 np.add(dst, bias_v, out=dst)
             return
         buf = arena.take((G, Kg, nbc * L), cdt)
-        np.matmul(wm, colsm, out=buf)
+        matmul(wm, colsm, buf)
         if bias_v is not None:
             np.add(buf, bias_v, out=buf)
         res = buf.reshape((K, nbc, rows) + g.out_spatial[1:]).swapaxes(0, 1)
@@ -343,10 +344,10 @@ def input_grad(p, gy, w, gx):
             np.copyto(buf, gy[n0:n1, :, p0:p1].swapaxes(0, 1), casting="unsafe")
             gym = buf.reshape(G, Kg, nbc * L)
         if direct and nbc == 1:  # 1x1 stride 1: the GEMM result is the gradient
-            np.matmul(wmT, gym, out=_view(target[0], (G, Cg, L)))
+            matmul(wmT, gym, _view(target[0], (G, Cg, L)))
             return
         gcols = arena.take((G, Cg * T, nbc * L), cdt)
-        np.matmul(wmT, gym, out=gcols)
+        matmul(wmT, gym, gcols)
         gcols = gcols.reshape((C,) + g.kernel + (nbc, rows) + g.out_spatial[1:])
         acc = arena.take((nbc, C, h1 - h0) + g.in_spatial[1:], cdt) if cast else target
         ops = []
@@ -449,9 +450,9 @@ def weight_grad(p, x, gy):
             gym = buf.reshape(G, Kg, nbc * L)
         a, b = (colsm, gym.swapaxes(1, 2)) if trans else (gym, colsm.swapaxes(1, 2))
         if st["n"] == 0:
-            np.matmul(a, b, out=st["acc"])
+            matmul(a, b, st["acc"])
         else:
-            np.matmul(a, b, out=st["tmp"])
+            matmul(a, b, st["tmp"])
             np.add(st["acc"], st["tmp"], out=st["acc"])
         st["n"] += 1
 

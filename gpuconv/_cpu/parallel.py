@@ -40,9 +40,43 @@ def _blas_controllers():
     return _blas_libs
 
 
+# A host framework with its own thread pool can take over the GEMMs of the calls made
+# from one thread (gpuconv.torch runs them on PyTorch's pool): that thread's calls then
+# start no worker threads and no multi-threaded BLAS of their own, so the two pools
+# never oversubscribe the cores.  gemm(a, b, out) computes out = a @ b.
+_host = threading.local()
+
+
+class host_gemm:
+    """Context manager: the GEMMs of the calls made from this thread go to ``gemm``,
+    and the backend runs them with one thread (:func:`get_num_threads` is 1)."""
+
+    def __init__(self, gemm):
+        self.gemm = gemm
+
+    def __enter__(self):
+        self.prev = getattr(_host, "gemm", None)
+        _host.gemm = self.gemm
+
+    def __exit__(self, *exc):
+        _host.gemm = self.prev
+
+
+def matmul(a, b, out):
+    """``out = a @ b`` (written in place): NumPy's BLAS, or the host's GEMM."""
+    gemm = getattr(_host, "gemm", None)
+    if gemm is None:
+        np.matmul(a, b, out=out)
+    else:
+        gemm(a, b, out)
+
+
 def get_num_threads() -> int:
-    """Threads the CPU backend uses: ``GPUCONV_NUM_THREADS``, else the BLAS thread
-    count (as set by threadpoolctl or OPENBLAS_NUM_THREADS etc.), at most the usable cores."""
+    """Threads the CPU backend uses: 1 inside :class:`host_gemm`, else
+    ``GPUCONV_NUM_THREADS``, else the BLAS thread count (as set by threadpoolctl or
+    OPENBLAS_NUM_THREADS etc.), at most the usable cores."""
+    if getattr(_host, "gemm", None) is not None:
+        return 1
     env = os.environ.get("GPUCONV_NUM_THREADS")
     if env:
         try:
