@@ -282,7 +282,8 @@ def _(x, weight, bias, stride, pad_lo, pad_hi, output_padding, dilation, groups)
     return _empty([x.shape[0], weight.shape[1] * groups] + out, x, _memory_format(x, weight))
 
 
-# The transposed convolution's own gradients, T(x, w) = A_w^T x':
+# The transposed convolution's own gradients (gpuconv.conv_transpose_input_grad /
+# conv_transpose_weight_grad), T(x, w) = A_w^T x':
 #   input grad  TI(gy, w)  = crop(A_w gy)         weight grad  TW(x, gy) = wgrad(gy, x')
 # (x' = x zero-extended where output_padding >= stride, allowed when < dilation).
 def _transpose_kw(stride, pad_lo, pad_hi, output_padding, dilation, groups):
@@ -295,9 +296,9 @@ def _t_input_grad_op(grad_out: Tensor, weight: Tensor, input_shape: List[int],
                      stride: List[int], pad_lo: List[int], pad_hi: List[int],
                      output_padding: List[int], dilation: List[int], groups: int) -> Tensor:
     with _context(grad_out):
-        gx = _api.conv_transpose_input_grad(to_array(grad_out), to_array(weight), tuple(input_shape),
-                                       **_transpose_kw(stride, pad_lo, pad_hi, output_padding,
-                                                       dilation, groups))
+        kw = _transpose_kw(stride, pad_lo, pad_hi, output_padding, dilation, groups)
+        gx = _api.conv_transpose_input_grad(to_array(grad_out), to_array(weight),
+                                            tuple(input_shape), **kw)
         return _out(gx, _memory_format(grad_out, weight))
 
 
@@ -311,9 +312,9 @@ def _t_weight_grad_op(x: Tensor, grad_out: Tensor, weight_shape: List[int],
                       stride: List[int], pad_lo: List[int], pad_hi: List[int],
                       output_padding: List[int], dilation: List[int], groups: int) -> Tensor:
     with _context(x):
+        kw = _transpose_kw(stride, pad_lo, pad_hi, output_padding, dilation, groups)
         gw = _api.conv_transpose_weight_grad(to_array(x), to_array(grad_out), tuple(weight_shape),
-                                        **_transpose_kw(stride, pad_lo, pad_hi, output_padding,
-                                                        dilation, groups))
+                                             **kw)
         return from_array(gw)
 
 
@@ -698,8 +699,8 @@ def _conv_transpose(op, nd, input, weight, bias, stride, padding, output_padding
     if bias is not None and tuple(bias.shape) != (g.C,):
         raise ValueError(f"gpuconv.torch.{op}: bias must have shape ({g.C},) (one value per "
                          f"output channel), got bias.shape={tuple(bias.shape)}")
-    y = _call(_TransposeFn, _transpose_op, x, weight, bias, list(g.stride), list(g.pad_lo), list(g.pad_hi),
-                      list(opad), list(g.dilation), g.groups)
+    y = _call(_TransposeFn, _transpose_op, x, weight, bias, list(g.stride), list(g.pad_lo),
+              list(g.pad_hi), list(opad), list(g.dilation), g.groups)
     return y if batched else y.squeeze(0)
 
 

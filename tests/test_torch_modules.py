@@ -259,7 +259,8 @@ def test_torch_func_grad_vjp_jacrev():
     for a, e in zip(vjp(ct), vjp_r(ct)):
         assert close(a, e)
     xs = x[:1, :, :3, :3]
-    assert close(torch.func.jacrev(ours, argnums=1)(xs, w), torch.func.jacrev(ref, argnums=1)(xs, w))
+    assert close(torch.func.jacrev(ours, argnums=1)(xs, w),
+                 torch.func.jacrev(ref, argnums=1)(xs, w))
     # a Hessian-vector product: grad of grad
     loss = lambda w: ours(x, w).square().sum()  # noqa: E731
     loss_r = lambda w: ref(x, w).square().sum()  # noqa: E731
