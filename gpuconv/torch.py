@@ -162,7 +162,8 @@ def _numpy_only_gemm(a, b, out):
 
 
 def _context(t):
-    """Run gpuconv's CuPy work on PyTorch's current stream and device; thread cap on CPU."""
+    """CUDA: gpuconv's CuPy work on PyTorch's current stream and device; CPU: its GEMMs
+    on PyTorch's thread pool (see the note above)."""
     if t.device.type != "cuda":
         return _cpu_threads() if t.device.type == "cpu" else contextlib.nullcontext()
     import cupy
