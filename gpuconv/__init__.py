@@ -16,6 +16,7 @@ from ._dispatch import (
     BackendUnavailableError, available_backends, backend_info, precompile, use_backend,
 )
 from ._cpu import get_workspace_limit, set_workspace_limit
+from ._precision import get_float32_precision, set_float32_precision
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "conv1d_weight_grad", "conv2d_weight_grad", "conv3d_weight_grad",
     "BackendUnavailableError", "available_backends", "backend_info", "precompile", "use_backend",
     "get_workspace_limit", "set_workspace_limit",
+    "get_float32_precision", "set_float32_precision",
 ]
 
 from ._dispatch import _precompile_on_import

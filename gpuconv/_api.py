@@ -8,6 +8,7 @@ inputs'.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import numpy as np
 
@@ -443,3 +444,16 @@ def _make_conv_transpose(nd):
 
 
 conv_transpose1d, conv_transpose2d, conv_transpose3d = (_make_conv_transpose(n) for n in (1, 2, 3))
+
+
+# every public function that runs a convolution takes precision= (gpuconv._precision)
+def _add_precision():
+    from ._precision import with_precision
+    g = globals()
+    for name in __all__:
+        f = g[name]
+        if callable(f) and "backend" in inspect.signature(f).parameters:
+            g[name] = with_precision(f)
+
+
+_add_precision()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import platform
 import sys
 import time
@@ -76,7 +77,17 @@ def _build_parser():
     pb.add_argument("--layers", nargs="+", metavar="NAME", default=None,
                     help="layer names from the suite (default: all, or the quick subset)")
     pb.add_argument("--no-peers", action="store_true", help="skip the PyTorch comparison")
-    p._sub = {"info": pi, "selftest": ps, "bench": pb}
+    pk = sub.add_parser("kernels", help="compile every kernel module (NVRTC, no GPU needed): "
+                        "registers, spills, shared memory, occupancy, SASS main-loop counts",
+                        description="Compile every CUDA module for an architecture through "
+                        "NVRTC (CuPy; no GPU needed); print registers, spills, shared memory "
+                        "and occupancy per entry point and, with cuobjdump, the main loop's "
+                        "instruction counts.  Exit status 1 on any register spill.")
+    pk.add_argument("--arch", default="sm_90", help="target architecture (default: sm_90)")
+    pk.add_argument("--cubin-dir", metavar="DIR", default=None,
+                    help="write one cubin per module into DIR")
+    pk.add_argument("--json", action="store_true", help="print the reports as JSON")
+    p._sub = {"info": pi, "selftest": ps, "bench": pb, "kernels": pk}
     return p
 
 
@@ -435,6 +446,17 @@ def _cmd_bench(args):
     return 0
 
 
+def _cmd_kernels(args):
+    if not re.fullmatch(r"sm_\d{2,3}[a-z]?", args.arch):
+        raise _Fail(f"--arch {args.arch!r}: expected an architecture like sm_90")
+    from ._cuda import report as _kernel_report
+    try:
+        _kernel_report.nvrtc_compiler()
+    except RuntimeError as e:
+        raise _Fail(str(e)) from None
+    return _kernel_report.main(args.arch, args.cubin_dir, args.json)
+
+
 # =============================================================================== main
 def main(argv=None) -> int:
     """Entry point of ``python -m gpuconv`` and the ``gpuconv`` console script.
@@ -465,8 +487,8 @@ def main(argv=None) -> int:
             print()
             print(_HELP)
             return rc
-        return {"info": _cmd_info, "selftest": _cmd_selftest, "bench": _cmd_bench}[
-            args.command](args)
+        return {"info": _cmd_info, "selftest": _cmd_selftest, "bench": _cmd_bench,
+                "kernels": _cmd_kernels}[args.command](args)
     except _Fail as e:
         print(f"gpuconv {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -172,7 +172,11 @@ def backend_info() -> dict:
     for name in BACKENDS:
         ok, reason, details = _probe(name)
         out[name] = {"usable": ok, "reason": reason, **details}
-    return {"backends": out, "forced": requested_backend()}
+    from ._precision import get_float32_precision
+    return {"backends": out, "forced": requested_backend(),
+            # 'high' allows TF32 on the GPU; no TF32 kernel exists yet, so float32
+            # runs the exact SIMT path under either setting (tf32_kernels: False)
+            "float32_precision": get_float32_precision(), "tf32_kernels": False}
 
 
 def available_backends() -> list:

@@ -54,18 +54,29 @@ def inject(filename, anchor, old, new):
     return mutate
 
 
+def make_data(x_shape=X_SHAPE, w_shape=W_SHAPE, kw=KW):
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    b = rng.standard_normal(w_shape[0]).astype(np.float32)
+    g = conv_geometry("conv2d", x_shape, w_shape, dtype=np.float32, **kw)
+    gy = rng.standard_normal(g.y_shape).astype(np.float32)
+    ref = {"fwd": reference.conv(x, w, b, **kw),
+           "dgrad": reference.conv_input_grad(gy, w, x_shape, **kw),
+           "wgrad": reference.conv_weight_grad(x, gy, w_shape, **kw)}
+    return x, w, b, gy, g, ref
+
+
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(7)
-    x = rng.standard_normal(X_SHAPE).astype(np.float32)
-    w = rng.standard_normal(W_SHAPE).astype(np.float32)
-    b = rng.standard_normal(W_SHAPE[0]).astype(np.float32)
-    g = conv_geometry("conv2d", X_SHAPE, W_SHAPE, dtype=np.float32, **KW)
-    gy = rng.standard_normal(g.y_shape).astype(np.float32)
-    ref = {"fwd": reference.conv(x, w, b, **KW),
-           "dgrad": reference.conv_input_grad(gy, w, X_SHAPE, **KW),
-           "wgrad": reference.conv_weight_grad(x, gy, W_SHAPE, **KW)}
-    return x, w, b, gy, g, ref
+    return make_data()
+
+
+# the engine's bugs also on C = 5 (a reduction tail: C*taps = 45 is not a multiple of BK)
+# and a stride-2 input grad (several stride phases)
+ODD = ((2, 5, 7, 5), (16, 5, 3, 3), dict(stride=1, padding=1, dilation=1, groups=1))
+ODD_S2 = ((2, 5, 9, 7), (12, 5, 3, 3), dict(stride=2, padding=1, dilation=1, groups=1))
+WIDE = ((1, 6, 5, 5), (40, 6, 3, 3), dict(stride=1, padding=1, dilation=1, groups=1))  # K > 64/2
 
 
 def run_pass(rt, pass_name, data):
@@ -94,14 +105,16 @@ def outcome(rt, pass_name, data):
 
 
 # ---------------------------------------------------------------------------- control
-@pytest.mark.parametrize("algo", ["direct", "tiled"])
+@pytest.mark.parametrize("algo", ["direct", "tiled", "igemm"])
 @pytest.mark.parametrize("pass_name", ["fwd", "dgrad", "wgrad"])
 def test_unmodified_kernels_pass_every_schedule(monkeypatch, data, algo, pass_name):
     monkeypatch.setenv("GPUCONV_CUDA_ALGO", algo)
     rt = SimRuntime()
-    for s in SCHEDULES:
-        with rt.schedule(s):
-            assert outcome(rt, pass_name, data) == "ok", (s, algo, pass_name)
+    sets = [data] + ([make_data(*ODD), make_data(*ODD_S2)] if algo == "igemm" else [])
+    for d in sets:
+        for s in SCHEDULES:
+            with rt.schedule(s):
+                assert outcome(rt, pass_name, d) == "ok", (s, algo, pass_name)
 
 
 # ---------------------------------------------------------------------------- injected bugs
@@ -151,12 +164,57 @@ BUGS = {
         file="conv_fwd.cu", algo="tiled", pass_name="fwd",
         mutate=inject("conv_fwd.cu", "gc_tile_mma(As, Bs, acc, tm, tn);", "__syncthreads();", ";"),
         expect=(CudaSimError, "mismatch")),
+    # ---- the implicit-GEMM engine (kernels/igemm.cuh)
+    # (i) main loop: the barrier after the multiply is gone (the next stage is written
+    #     while other warps still read it, and read before it is complete)
+    "igemm: removed main-loop barrier": dict(
+        file="igemm.cuh", algo="igemm", pass_name="fwd",
+        mutate=inject("igemm.cuh", "itb.store(Bs + (cur ^ 1)", "__syncthreads();", ";"),
+        expect=(CudaSimError, "mismatch")),
+    # (j) off-by-one stage index: the prefetched tile is stored into the stage being read
+    "igemm: wrong stage index": dict(
+        file="igemm.cuh", algo="igemm", pass_name="wgrad",
+        mutate=inject("igemm.cuh", "gc_simt_mma<CFG>(As + cur", "ita.store(As + (cur ^ 1)",
+                      "ita.store(As + cur"),
+        expect=(CudaSimError, "mismatch")),
+    # (k) the tap table is read before every thread has written it
+    "igemm: removed tap-table barrier": dict(
+        file="igemm.cuh", algo="igemm", pass_name="dgrad", data=ODD_S2,
+        mutate=inject("igemm.cuh", "gc_fp_taps(tab, p, T_, tid", "__syncthreads();  // tap table", ";//"),
+        expect=(CudaSimError, "mismatch")),
+    # (l) the weight operand's column predicate is gone: columns past K (16 of a 64-wide
+    #     tile) read past the end of the weight (the guard pages catch it)
+    "igemm: unpredicated weight columns": dict(
+        file="igemm.cuh", algo="igemm", pass_name="fwd", data=ODD,
+        mutate=inject("igemm.cuh", "struct gc_fp_b_iter", "(kv && bn + CS * j < nlim)", "(kv)"),
+        expect=(MemoryAccessError,)),
+    # (l2) split-K: the fixed-order reduce drops the last slice (off-by-one bound)
+    "igemm: split-K reduce misses a slice": dict(
+        file="igemm.cuh", algo="igemm", pass_name="fwd", data=ODD, env={"GPUCONV_IGEMM_SPLITS": "3"},
+        mutate=inject("igemm.cuh", "gc_igemm_reduce(", "i < splits;", "i < splits - 1;"),
+        expect=("mismatch",)),
+    # (m) wrong shared layout: the micro-kernel reads the second B half at the first
+    "igemm: wrong shared-memory fragment offset": dict(
+        file="igemm.cuh", algo="igemm", pass_name="fwd", data=WIDE,
+        mutate=inject("igemm.cuh", "gc_simt_mma(", "Bs + kk * CFG::LDB + CFG::BN / 2 + tn * 4",
+                      "Bs + kk * CFG::LDB + tn * 4"),
+        expect=("mismatch",)),
+    # (n) weight grad: a dropped carry in the position digits (wrong input rows)
+    "igemm: dropped position carry (wgrad)": dict(
+        file="igemm.cuh", algo="igemm", pass_name="wgrad", data=ODD,
+        mutate=inject("igemm.cuh", "struct gc_wg_a_iter", "if (o >= osp) { o -= osp; ++img; }",
+                      "if (o >= osp) { o -= osp; }"),
+        expect=(MemoryAccessError, "mismatch")),
 }
 
 
 @pytest.mark.parametrize("bug", list(BUGS))
 def test_injected_bug_is_reported_under_every_schedule(monkeypatch, data, bug):
     spec = BUGS[bug]
+    if "data" in spec:
+        data = make_data(*spec["data"])
+    for k, v in spec.get("env", {}).items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("GPUCONV_CUDA_ALGO", spec["algo"])
     rt = MutatedRuntime(spec["file"], spec["mutate"], time_limit=60)
     seen = {}

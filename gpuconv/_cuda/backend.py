@@ -15,9 +15,10 @@ import numpy as np
 
 from .. import _geometry as geo
 from . import depthwise as dw
+from . import igemm as IG
 from . import launch
 from .plans import (THREADS, TILE_K, TILE_N, _algo, dgrad_phases, geo_args, m_tiles,
-                    split_reduction, tile_smem, use_tiled, wgrad_plan)
+                    split_reduction, tile_smem, use_igemm, use_tiled, wgrad_plan)
 from .sources import ModuleCache
 
 
@@ -55,6 +56,10 @@ class CudaBackend:
         xc, wc = rt.ascontiguous(x), rt.ascontiguous(w)
         bc = rt.ascontiguous(bias) if bias is not None else wc
         y = rt.empty(g.y_shape, g.dtype)
+        if use_igemm(g):
+            self._igemm_fp(xc, wc, bc if bias is not None else None, y,
+                           [IG.forward_problem(g)], g)
+            return y
         total = math.prod(g.y_shape)
         args = (xc, wc, bc, y) + geo_args(g) + (np.int32(bias is not None),)
         if use_tiled(g):
@@ -74,6 +79,11 @@ class CudaBackend:
             p = dw.plans(g, _algo())
             if p is not None:
                 return dw.input_grad(self, gy, w, g, p[1])
+            if use_igemm(g):
+                gyc, wc = rt.ascontiguous(gy), rt.ascontiguous(w)
+                gx = rt.empty(g.x_shape, g.dtype)
+                self._igemm_fp(gyc, wc, None, gx, IG.dgrad_problems(g), g)
+                return gx
             g2 = geo.dgrad_as_forward(g)
             if g2 is not None and use_tiled(g2):
                 return self._forward(gy, geo.flip_weight(w, g), None, g2)
@@ -93,6 +103,9 @@ class CudaBackend:
                 return dw.weight_grad(self, x, gy, g, p[2])
         welems = math.prod(g.w_shape)
         red = g.N * math.prod(g.out_spatial)
+        if use_igemm(g):
+            with rt.device_scope(x):
+                return self._igemm_wg(rt.ascontiguous(x), rt.ascontiguous(gy), g)
         tiled = use_tiled(g)
         if tiled:
             ntiles = -(-(g.Cg * g.taps) // TILE_N)
@@ -117,4 +130,63 @@ class CudaBackend:
                 "wgrad", f"gpuconv_wgrad_reduce_{g.dtype_info.suffix}")
             launch.launch(rt, red_fn, self._grid_1d(welems),
                       (partial, gw, np.int64(welems), np.int32(splits)))
+        return gw
+
+    # ------------------------------------------------------------------ implicit-GEMM engine
+    def _igemm_fn(self, kind, g, cfg, *sizes):
+        force64 = os.environ.get("GPUCONV_CUDA_INDEX", "") == "64"
+        isuf = "i64" if force64 or launch.needs_int64(*sizes) else "i32"
+        name = f"gpuconv_igemm_{kind}_{g.dtype_info.suffix}_{cfg}_{isuf}"
+        return self.modules.function("igemm", name), isuf
+
+    def _igemm_reduce(self, g, partial, bias, out, splits, inner, channels):
+        """out = round(sum over the split slices, in order (+ bias)): the fixed-order
+        second pass of every split-K GEMM."""
+        total = out.size
+        fn = self.modules.function("igemm", f"gpuconv_igemm_reduce_{g.dtype_info.suffix}")
+        launch.launch(self.rt, fn, self._grid_1d(total),
+                      (partial, bias if bias is not None else out, out, np.int64(total),
+                       np.int32(splits), np.int64(inner), np.int32(channels),
+                       np.int32(bias is not None)))
+
+    def _igemm_fp(self, src, w, bias, out, problems, g):
+        """Forward-like GEMMs (the forward, or the stride phases of the input grad) into
+        `out`; under split-K every phase writes all `splits` partial slices and one
+        fixed-order reduce adds them (and the bias) and rounds once."""
+        rt = self.rt
+        cfg, splits = IG.fp_plan(problems, g.groups)
+        c = IG.CONFIGS[cfg]
+        acc = g.accumulate_dtype
+        # no split: the kernel never touches `partial` (a 1-element placeholder of its type)
+        partial = rt.empty((splits,) + tuple(out.shape) if splits > 1 else (1,), acc)
+        fn, _ = self._igemm_fn("fp", g, cfg, src.size, w.size, out.size * splits)
+        bias_arg = bias if bias is not None else w
+        for p in problems:
+            grid = IG.fp_grid(p, cfg, g.groups, splits)
+            chunk = IG.kchunk(p.kred, splits, c["BK"])
+            smem = IG.smem_bytes(cfg, acc.itemsize, IG.fp_taps(p))
+            args = ((src, w, bias_arg, out, partial)
+                    + tuple(np.int32(v) for v in p.params) + (np.int32(chunk),)
+                    + (np.int32(bias is not None and splits == 1), np.int32(splits > 1)))
+            launch.launch(rt, fn, launch.LaunchConfig(grid, (c["NT"], 1, 1)), args,
+                          shared_mem=smem)
+        if splits > 1:
+            self._igemm_reduce(g, partial, bias, out, splits, math.prod(out.shape[2:]),
+                               out.shape[1])
+
+    def _igemm_wg(self, xc, gyc, g):
+        """Weight grad: split-K GEMM over N*P*Q into partial slices, fixed-order reduce."""
+        rt = self.rt
+        acc = g.accumulate_dtype
+        welems = math.prod(g.w_shape)
+        cfg, grid, splits, chunk = IG.wg_plan(g)
+        c = IG.CONFIGS[cfg]
+        partial = rt.empty((splits, welems), acc)
+        gw = rt.empty(g.w_shape, g.dtype)
+        fn, isuf = self._igemm_fn("wg", g, cfg, xc.size, gyc.size, splits * welems)
+        ityp = np.int64 if isuf == "i64" else np.int32
+        launch.launch(rt, fn, launch.LaunchConfig(grid, (c["NT"], 1, 1)),
+                      (xc, gyc, partial) + geo_args(g) + (ityp(chunk),),
+                      shared_mem=IG.smem_bytes(cfg, acc.itemsize))
+        self._igemm_reduce(g, partial, None, gw, splits, 1, 1)
         return gw

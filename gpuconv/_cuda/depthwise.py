@@ -129,7 +129,7 @@ def tile_plan(g, kind):
 def _plans(g, algo):
     """(forward tile, input-grad mode and tile, weight-grad tile) or None when the
     depthwise family does not take `g`."""
-    if algo in ("direct", "tiled"):
+    if algo in ("direct", "tiled", "igemm"):
         return None
     if algo != "depthwise" and not (g.groups > 1 and g.Cg <= MAX_CG and g.Kg <= MAX_KG):
         return None

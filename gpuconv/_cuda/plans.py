@@ -68,12 +68,31 @@ def wgrad_plan(welems: int, red: int, target_blocks: int = 2048,
 
 
 def _algo():
-    """GPUCONV_CUDA_ALGO: 'auto' (default), 'direct', 'tiled' or 'depthwise' (tests
-    force each; 'depthwise' sends every geometry the depthwise kernels fit to them)."""
+    """GPUCONV_CUDA_ALGO: 'auto' (default), 'direct', 'tiled' (the 64x64 tiled kernels),
+    'depthwise' or 'igemm' (the implicit-GEMM engine); tests force each ('depthwise'
+    sends every geometry the depthwise kernels fit to them)."""
     a = os.environ.get("GPUCONV_CUDA_ALGO", "auto").strip().lower() or "auto"
-    if a not in ("auto", "direct", "tiled", "depthwise"):
-        raise ValueError(f"GPUCONV_CUDA_ALGO={a!r}: expected auto, direct, tiled or depthwise")
+    if a not in ("auto", "direct", "tiled", "depthwise", "igemm"):
+        raise ValueError(f"GPUCONV_CUDA_ALGO={a!r}: expected auto, direct, tiled, depthwise "
+                         f"or igemm")
     return a
+
+
+def use_igemm(g) -> bool:
+    return _use_igemm(g, _algo())
+
+
+@functools.lru_cache(maxsize=1024)
+def _use_igemm(g, algo) -> bool:
+    """The implicit-GEMM engine takes dense and grouped layers ('auto'); depthwise-like
+    layers (few channels per group) and problems it does not fit go to the direct
+    kernels."""
+    from . import igemm
+    if algo in ("direct", "tiled") or not igemm.fits(g):
+        return False
+    if algo == "igemm":
+        return True
+    return g.Kg >= 8 and g.Cg * g.taps >= 8
 
 
 def m_tiles(g) -> int:
@@ -92,7 +111,7 @@ def _use_tiled(g, algo) -> bool:
     must fit 65535."""
     fits = (m_tiles(g) <= MAX_GRID[1] and g.taps <= MAX_TAPS
             and math.prod(g.in_spatial) <= INT32_LIMIT)  # tap offsets are 32-bit
-    if algo == "direct" or not fits:
+    if algo in ("direct", "igemm") or not fits:
         return False
     if algo == "tiled":
         return True

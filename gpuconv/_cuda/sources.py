@@ -27,7 +27,10 @@ MODULES = {
     "dgrad": "conv_dgrad.cu",
     "wgrad": "conv_wgrad.cu",
     "dw": "depthwise.cu",
+    "igemm": "conv_igemm.cu",  # the implicit-GEMM engine, every pass
 }
+# headers of one module only, after HEADERS
+MODULE_HEADERS = {"igemm": ("igemm.cuh",)}
 PASSES = tuple(MODULES)
 # index-width variants of an entry point (``##ISUF`` in its name): suffix -> C++ index type
 INDEX_TYPES = {"i32": "int", "i64": "long long"}
@@ -92,10 +95,15 @@ def full_source(pass_name: str) -> str:
     """The generated configuration and the headers prepended as text to the module's
     source (CuPy's cache key covers the source text only)."""
     return config_header() + "".join(f"// ---- {name}\n" + read_source(name) + "\n"
-                                     for name in HEADERS + (MODULES[pass_name],))
+                                     for name in HEADERS + MODULE_HEADERS.get(pass_name, ())
+                                     + (MODULES[pass_name],))
 
 
-_ENTRY = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(gpuconv_[A-Za-z0-9_#]+)\s*\(')
+# an optional __launch_bounds__(...) (two levels of nested parentheses) before the name;
+# macro line continuations count as white space
+_ENTRY = re.compile(r'extern[\s\\]+"C"[\s\\]+__global__[\s\\]+void[\s\\]+'
+                    r'(?:__launch_bounds__[\s\\]*\((?:[^()]|\((?:[^()]|\([^()]*\))*\))*\)'
+                    r'[\s\\]*)?(gpuconv_[A-Za-z0-9_#]+)[\s\\]*\(')
 
 
 def entry_names(pass_name: str) -> list:

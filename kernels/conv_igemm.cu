@@ -1,0 +1,47 @@
+// Entry points of the implicit-GEMM engine (kernels/igemm.cuh), SIMT policy.
+//   gpuconv_igemm_fp_<t>_<cfg>_<i>     forward, and each stride phase of the input grad
+//   gpuconv_igemm_wg_<t>_<cfg>_<i>     weight grad, split-K pass 1 (partial sums)
+//   gpuconv_igemm_reduce_<t>           fixed-order split-K sum (+ bias, one rounding)
+// <cfg>: l = 128x128x8 tile, 256 threads; s = 64x64x8 (float64: 64x64x4), 64 threads.
+// 8x8 outputs per thread.  Half types run the float32 SIMT policy here (loads widened
+// to float32) until the tensor-op policy exists.
+
+#define GC_IG_FP_BODY(T, I, CFG)                                                            \
+  {                                                                                          \
+    const gc_fp p = GC_FP_MAKE;                                                              \
+    gc_igemm_fp<T, I, gc_cfg_for<CFG, gc_acc<T>::type>::type>(src, wt, bias, out, partial, p, \
+                                                              has_bias, split);              \
+  }
+#define GC_IG_FP_PARAMS(T)                                                                   \
+  const T *__restrict__ src, const T *__restrict__ wt, const T *__restrict__ bias,           \
+      T *__restrict__ out, gc_acc<T>::type *__restrict__ partial, GC_FP_PARAMS, int has_bias, \
+      int split
+#define GC_IG_WG_BODY(T, I, CFG)                                                            \
+  {                                                                                          \
+    gc_igemm_wg<T, I, gc_cfg_for<CFG, gc_acc<T>::type>::type>(x, gy, partial, GC_GEO_MAKE,    \
+                                                              chunk);                        \
+  }
+#define GC_IG_WG_PARAMS(T, I)                                                                \
+  const T *__restrict__ x, const T *__restrict__ gy, gc_acc<T>::type *__restrict__ partial,   \
+      GC_GEO_PARAMS, I chunk
+
+#define GC_IG_ENTRY_I(SUF, T, ISUF, I)                                                       \
+  extern "C" __global__ void __launch_bounds__(256, GC_IG_MINB(T, gc_cfg_l, sizeof(I) == 8)) \
+      gpuconv_igemm_fp_##SUF##_l_##ISUF(GC_IG_FP_PARAMS(T)) GC_IG_FP_BODY(T, I, gc_cfg_l)     \
+  extern "C" __global__ void __launch_bounds__(64, GC_IG_MINB(T, gc_cfg_s, sizeof(I) == 8))   \
+      gpuconv_igemm_fp_##SUF##_s_##ISUF(GC_IG_FP_PARAMS(T)) GC_IG_FP_BODY(T, I, gc_cfg_s)     \
+  extern "C" __global__ void __launch_bounds__(256, 1)                                       \
+      gpuconv_igemm_wg_##SUF##_l_##ISUF(GC_IG_WG_PARAMS(T, I)) GC_IG_WG_BODY(T, I, gc_cfg_l)  \
+  extern "C" __global__ void __launch_bounds__(64, 1)                                        \
+      gpuconv_igemm_wg_##SUF##_s_##ISUF(GC_IG_WG_PARAMS(T, I)) GC_IG_WG_BODY(T, I, gc_cfg_s)
+
+#define GC_IG_ENTRIES(SUF, T)                                                                \
+  GC_FOR_EACH_INDEX(GC_IG_ENTRY_I, SUF, T)                                                   \
+  extern "C" __global__ void gpuconv_igemm_reduce_##SUF(                                   \
+      const gc_acc<T>::type* __restrict__ partial, const T* __restrict__ bias,               \
+      T* __restrict__ out, long long total, int splits, long long inner, int channels,       \
+      int has_bias) {                                                                        \
+    gc_igemm_reduce<T>(partial, bias, out, total, splits, inner, channels, has_bias);        \
+  }
+
+GC_FOR_EACH_DTYPE(GC_IG_ENTRIES)

@@ -1,0 +1,584 @@
+// gpuconv implicit-GEMM engine (CUTLASS's implicit-GEMM view of a convolution).
+//
+//   fprop  C[M = N*P*Q,  N = K  ] = A[M, K = C*R*S]   * B[K, N]   (A = x gathered, B = weight)
+//   dgrad  C[M = N*H*W,  N = C  ] = A[M, K = K*R*S]   * B[K, N]   (A = grad_out gathered,
+//          per stride phase: each phase is a stride-1 GEMM over the taps that reach it)
+//   wgrad  C[M = K,      N = C*R*S] = A[M, K = N*P*Q] * B[K, N]   (A = grad_out, B = x gathered,
+//          split-K over N*P*Q, fixed-order second pass)
+// per group (grid y carries group * N tiles, or group * M tiles for wgrad).
+//
+// Pieces:
+//   * the tap table (shared memory): per reduction tap its source offset (dz, dy, dx),
+//     the linear source offset and the weight's tap index -- THE one place where the
+//     gather's index mapping lives (padding modes would remap here);
+//   * operand iterators: every thread owns fixed GEMM rows/columns, decoded once in the
+//     prologue; the reduction index is kept as mixed-radix digits and stepped by BK
+//     with one carry, so the main loop has no division; the forward-like reduction is
+//     tap-major (k = tap*C + c), so the gather re-reads the tap table and re-checks
+//     bounds only when a row's tap changes;
+//   * the SIMT warp-MMA policy: 8x8 outputs per thread as 2x2 blocks of 4x4, operands
+//     read from shared memory with 128-bit loads (LDS.128), double-buffered shared
+//     tiles (global loads of step k+1 are issued into registers before step k is
+//     multiplied; one barrier per step);
+//   * epilogue: bias added in the accumulate type, one rounding, store; or, under
+//     split-K, the raw accumulators to a partial buffer that a fixed-order reduce
+//     kernel sums (bias and rounding there).
+// Operands whose rows/columns/reduction index fall outside the problem are predicated
+// and zero-filled: nothing outside a tensor is ever read.
+//
+// Configurations (compile time): BM x BN x BK tile, NT threads, 8x8 per thread.
+
+#ifndef GPUCONV_IGEMM_CUH
+#define GPUCONV_IGEMM_CUH
+
+template <int BM_, int BN_, int BK_, int NT_, int MINB_>
+struct gc_simt_cfg {
+  enum {
+    BM = BM_, BN = BN_, BK = BK_, NT = NT_,
+    MINB = MINB_,  // resident blocks per SM asked of the register allocator (float32)
+    TM = BM / 8, TN = BN / 8,  // thread grid
+    LDA = BM + 4, LDB = BN + 4  // shared row strides: +4 keeps 16-byte rows and spreads
+                                // the k-fast tile stores over all banks
+  };
+  static_assert(TM * TN == NT, "8x8 outputs per thread");
+  static_assert(TN % 8 == 0 && TM % 4 == 0, "a warp is 4 x 8 threads");
+  static_assert(NT % BM == 0 && NT % BN == 0 && NT % BK == 0, "loader mappings");
+  static_assert((BM * BK) % NT == 0 && (BN * BK) % NT == 0, "loader mappings");
+};
+// "l": large problems; "s": small problems / few channels (4x more blocks per output)
+typedef gc_simt_cfg<128, 128, 8, 256, 2> gc_cfg_l;  // <= 128 registers: 2 blocks, 16 warps
+typedef gc_simt_cfg<64, 64, 8, 64, 1> gc_cfg_s;
+// float64 "s": half the reduction depth per step (the 8x8 double accumulators leave no
+// room for 8 staged rows per operand without spills on sm_80)
+template <class CFG, typename A> struct gc_cfg_for { typedef CFG type; };
+template <> struct gc_cfg_for<gc_cfg_s, double> { typedef gc_simt_cfg<64, 64, 4, 64, 1> type; };
+// __launch_bounds__ minimum blocks: 2 for the float32 large forward-like tile (128
+// registers, measured spill-free on sm_80 and sm_90); 1 elsewhere (float64 holds twice
+// the accumulator registers; the weight grad and 64-bit-index variants need more)
+#define GC_IG_MINB(T, CFG, WIDE) \
+  ((sizeof(typename gc_acc<T>::type) == 8 || (WIDE)) ? 1 : CFG::MINB)
+
+// ---- SIMT micro-kernel ----------------------------------------------------------------
+__device__ __forceinline__ void gc_lds4(const float* p, float* v) {
+  const float4 t = *reinterpret_cast<const float4*>(p);  // LDS.128
+  v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+}
+__device__ __forceinline__ void gc_lds4(const double* p, double* v) {
+  const double2 t0 = *reinterpret_cast<const double2*>(p);  // LDS.128
+  const double2 t1 = *reinterpret_cast<const double2*>(p + 2);
+  v[0] = t0.x; v[1] = t0.y; v[2] = t1.x; v[3] = t1.y;
+}
+
+// acc[i][j] += sum_kk As[kk][row(i)] * Bs[kk][col(j)]: row(i) = tm*4 + i (i < 4),
+// BM/2 + tm*4 + i-4 (i >= 4); likewise columns.
+template <class CFG, typename A>
+__device__ __forceinline__ void gc_simt_mma(const A* __restrict__ As, const A* __restrict__ Bs,
+                                            A (&acc)[8][8], int tm, int tn) {
+#pragma unroll
+  for (int kk = 0; kk < CFG::BK; ++kk) {
+    A a[8], b[8];
+    gc_lds4(As + kk * CFG::LDA + tm * 4, a);
+    gc_lds4(As + kk * CFG::LDA + CFG::BM / 2 + tm * 4, a + 4);
+    gc_lds4(Bs + kk * CFG::LDB + tn * 4, b);
+    gc_lds4(Bs + kk * CFG::LDB + CFG::BN / 2 + tn * 4, b + 4);
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[i][j] += a[i] * b[j];
+  }
+}
+
+template <class CFG>
+__device__ __forceinline__ int gc_simt_row(int tm, int i) {
+  return (i < 4 ? 0 : CFG::BM / 2) + tm * 4 + (i & 3);
+}
+template <class CFG>
+__device__ __forceinline__ int gc_simt_col(int tn, int j) {
+  return (j < 4 ? 0 : CFG::BN / 2) + tn * 4 + (j & 3);
+}
+// thread (tm, tn) of the 8x8 micro-tile grid: a warp is 4 (m) x 8 (n) threads
+template <class CFG>
+__device__ __forceinline__ void gc_simt_thread(int tid, int& tm, int& tn) {
+  const int warp = tid >> 5, lane = tid & 31, wn = CFG::TN / 8;
+  tm = (warp / wn) * 4 + (lane >> 3);
+  tn = (warp % wn) * 8 + (lane & 7);
+}
+
+// ---- forward-like problem: fprop and every dgrad stride phase ------------------------
+// out[img, grp*Ng + n, E(m)] = sum_{c < Cg, t < T} src[img, grp*Cg + c, S(m) + off(t)]
+//                                               * wt[grp*wg + n*wn + c*wc + wtap(t)]
+// m = (img, md, mh, mw) over N x MD x MH x MW; S(m) = m digits * ms + mb (per dim);
+// E(m) = m digits * os + of; tap t = (td, th, tw) over TD x TH x TW, off = ta + tb*t,
+// weight tap index (tr + ts*t) per dim, linear over KD x KH x KW.
+struct gc_fp {
+  int G, Nimg, Csrc, Cg, SD, SH, SW, Ng, Cout;
+  int MD, MH, MW, msd, msh, msw, mbd, mbh, mbw;
+  int ED, EH, EW, osd, osh, osw, ofd, ofh, ofw;
+  int TD, TH, TW, tad, tah, taw, tbd, tbh, tbw, trd, trh, trw, tsd, tsh, tsw;
+  int KH, KW, wg, wn, wc, kchunk;
+};
+
+#define GC_FP_PARAMS                                                                         \
+  int G, int Nimg, int Csrc, int Cg, int SD, int SH, int SW, int Ng, int Cout, int MD, int MH, \
+      int MW, int msd, int msh, int msw, int mbd, int mbh, int mbw, int ED, int EH, int EW,  \
+      int osd, int osh, int osw, int ofd, int ofh, int ofw, int TD, int TH, int TW, int tad,   \
+      int tah, int taw, int tbd, int tbh, int tbw, int trd, int trh, int trw, int tsd,        \
+      int tsh, int tsw, int KH, int KW, int wg, int wn, int wc, int kchunk
+#define GC_FP_MAKE                                                                           \
+  {G,   Nimg, Csrc, Cg,  SD,  SH,  SW,  Ng,  Cout, MD,  MH,  MW,  msd, msh, msw, mbd,       \
+   mbh, mbw,  ED,   EH,  EW,  osd, osh, osw, ofd,  ofh, ofw, TD,  TH,  TW,  tad, tah,       \
+   taw, tbd,  tbh,  tbw, trd, trh, trw, tsd, tsh,  tsw, KH,  KW,  wg,  wn,  wc,  kchunk}
+
+// Tap table entry: source offset per dim, linear source offset, weight tap index.
+#define GC_TAP_INTS 5
+
+__device__ __forceinline__ void gc_fp_taps(int* tab, const gc_fp& p, int T, int tid, int nt) {
+  for (int t = tid; t < T; t += nt) {
+    const int tw = t % p.TW, th = (t / p.TW) % p.TH, td = t / (p.TW * p.TH);
+    const int dz = p.tad + p.tbd * td, dy = p.tah + p.tbh * th, dx = p.taw + p.tbw * tw;
+    const int rd = p.trd + p.tsd * td, rh = p.trh + p.tsh * th, rw = p.trw + p.tsw * tw;
+    tab[GC_TAP_INTS * t + 0] = dz;
+    tab[GC_TAP_INTS * t + 1] = dy;
+    tab[GC_TAP_INTS * t + 2] = dx;
+    tab[GC_TAP_INTS * t + 3] = (dz * p.SH + dy) * p.SW + dx;
+    tab[GC_TAP_INTS * t + 4] = (rd * p.KH + rh) * p.KW + rw;
+  }
+}
+
+// Reduction order of the forward-like problem: tap-major, k = t*Cg + c.  A thread's
+// reduction row keeps its (t, c) digits, stepped by BK with one carry; while the tap
+// stays the same (every step when Cg >= BK, until the channels of the tap are used up)
+// the gather only adds a fixed channel stride to its offset and keeps its bounds
+// predicate; the tap table is read and the bounds checked again only when the tap
+// changes.  No division in the main loop.
+
+// A operand (the gather): thread owns GEMM row am (m-fast, so consecutive threads read
+// consecutive output positions) and reduction rows ak + (NT/BM)*i.
+template <typename T, typename I, typename A, class CFG>
+struct gc_fp_a_iter {
+  enum { E = CFG::BM * CFG::BK / CFG::NT, RS = CFG::NT / CFG::BM };
+  const T* __restrict__ src;
+  I base, sp, cstep;
+  int z0, y0, x0, am, ak, Cg, T_, sc, st;
+  bool mvalid;
+  int c[E], t[E];
+  I off[E];
+  unsigned ok;  // bit i: row i reads (inside the source, real row, real tap)
+
+  // offset and bounds predicate of row i at its (t, c)
+  __device__ __forceinline__ void refresh(int i, const int* tab, const gc_fp& p) {
+    ok &= ~(1u << i);
+    off[i] = 0;
+    if (mvalid && t[i] < T_) {
+      const int* e = tab + GC_TAP_INTS * t[i];
+      const int z = z0 + e[0], y = y0 + e[1], x = x0 + e[2];
+      if ((unsigned)z < (unsigned)p.SD && (unsigned)y < (unsigned)p.SH &&
+          (unsigned)x < (unsigned)p.SW)
+        ok |= 1u << i;
+      off[i] = base + (I)c[i] * sp + e[3];
+    }
+  }
+
+  __device__ __forceinline__ void init(const T* __restrict__ s, const int* tab, const gc_fp& p,
+                                       int grp, I m0, I M, int k_begin, int tid) {
+    src = s;
+    am = tid % CFG::BM;
+    ak = tid / CFG::BM;
+    Cg = p.Cg;
+    T_ = p.TD * p.TH * p.TW;
+    sc = CFG::BK % Cg;
+    st = CFG::BK / Cg;
+    sp = (I)p.SD * p.SH * p.SW;
+    cstep = (I)sc * sp;
+    const I m = m0 + am;
+    mvalid = m < M;
+    z0 = y0 = x0 = 0;
+    base = 0;
+    if (mvalid) {
+      I r = m;
+      const int mw = (int)(r % p.MW); r /= p.MW;
+      const int mh = (int)(r % p.MH); r /= p.MH;
+      const int md = (int)(r % p.MD);
+      const I img = r / p.MD;
+      z0 = md * p.msd + p.mbd;
+      y0 = mh * p.msh + p.mbh;
+      x0 = mw * p.msw + p.mbw;
+      base = (img * p.Csrc + (I)grp * p.Cg) * sp + ((I)z0 * p.SH + y0) * p.SW + x0;
+    }
+    ok = 0;
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const int k = k_begin + ak + RS * i;
+      t[i] = k / Cg;
+      c[i] = k - t[i] * Cg;
+      refresh(i, tab, p);
+    }
+  }
+
+  __device__ __forceinline__ void load(A (&r)[E], const int* tab, const gc_fp& p, int k0,
+                                       int k_end) {
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      r[i] = ((ok >> i & 1u) && k0 + ak + RS * i < k_end) ? (A)gc_load(src + off[i]) : A(0);
+      c[i] += sc;
+      int tn = t[i] + st;
+      if (c[i] >= Cg) { c[i] -= Cg; ++tn; }
+      if (tn != t[i]) {
+        t[i] = tn;
+        refresh(i, tab, p);
+      } else {
+        off[i] += cstep;
+      }
+    }
+  }
+
+  __device__ __forceinline__ void store(A* __restrict__ As, const A (&r)[E]) const {
+#pragma unroll
+    for (int i = 0; i < E; ++i) As[(ak + RS * i) * CFG::LDA + am] = r[i];
+  }
+};
+
+// B operand (the weight): thread owns reduction row bk and GEMM columns bn + (NT/BK)*j.
+template <typename T, typename I, typename A, class CFG>
+struct gc_fp_b_iter {
+  enum { E = CFG::BN * CFG::BK / CFG::NT, CS = CFG::NT / CFG::BK };
+  const T* __restrict__ wt;
+  I base, woff, cstep;
+  int bk, bn, nlim, c, t, Cg, T_, sc, st;
+
+  __device__ __forceinline__ void refresh(const int* tab, const gc_fp& p) {
+    woff = t < T_ ? (I)c * p.wc + tab[GC_TAP_INTS * t + 4] : 0;
+  }
+
+  __device__ __forceinline__ void init(const T* __restrict__ w, const int* tab, const gc_fp& p,
+                                       int grp, int n0, int k_begin, int tid) {
+    wt = w;
+    bk = tid % CFG::BK;
+    bn = tid / CFG::BK;
+    Cg = p.Cg;
+    T_ = p.TD * p.TH * p.TW;
+    sc = CFG::BK % Cg;
+    st = CFG::BK / Cg;
+    cstep = (I)sc * p.wc;
+    nlim = p.Ng - n0;  // columns n0 + bn + CS*j < Ng are real
+    base = (I)grp * p.wg + (I)(n0 + bn) * p.wn;
+    const int k = k_begin + bk;
+    t = k / Cg;
+    c = k - t * Cg;
+    refresh(tab, p);
+  }
+
+  __device__ __forceinline__ void load(A (&r)[E], const int* tab, const gc_fp& p, int k0,
+                                       int k_end) {
+    const bool kv = k0 + bk < k_end;
+    const I o = base + woff;
+#pragma unroll
+    for (int j = 0; j < E; ++j)
+      r[j] = (kv && bn + CS * j < nlim) ? (A)gc_load(wt + (o + (I)(CS * j) * p.wn)) : A(0);
+    c += sc;
+    int tn = t + st;
+    if (c >= Cg) { c -= Cg; ++tn; }
+    if (tn != t) {
+      t = tn;
+      refresh(tab, p);
+    } else {
+      woff += cstep;
+    }
+  }
+
+  __device__ __forceinline__ void store(A* __restrict__ Bs, const A (&r)[E]) const {
+#pragma unroll
+    for (int j = 0; j < E; ++j) Bs[bk * CFG::LDB + bn + CS * j] = r[j];
+  }
+};
+
+// Shared bytes of the engine's tiles (two stages of A and B) before the tap table.
+template <class CFG, typename A>
+struct gc_igemm_smem {
+  enum { TILE_ELEMS = 2 * CFG::BK * (CFG::LDA + CFG::LDB), BYTES = TILE_ELEMS * (int)sizeof(A) };
+};
+
+// The main loop shared by every problem: double-buffered shared tiles, global loads of
+// the next step in registers while the current one is multiplied, one barrier a step.
+// Stage s of A lives at As + s*BK*LDA (s = step & 1).
+template <class CFG, typename A, class AIt, class BIt, class LoadA, class LoadB>
+__device__ __forceinline__ void gc_igemm_mainloop(A* As, A* Bs, AIt& ita, BIt& itb, LoadA la,
+                                                  LoadB lb, int steps, A (&acc)[8][8], int tm,
+                                                  int tn) {
+  A ra[AIt::E], rb[BIt::E];
+  if (steps > 0) {
+    la(ra, 0);
+    lb(rb, 0);
+    ita.store(As, ra);
+    itb.store(Bs, rb);
+  }
+  __syncthreads();
+  for (int s = 0; s < steps; ++s) {
+    const int cur = s & 1;
+    if (s + 1 < steps) {  // next step's global loads in flight during this multiply
+      la(ra, s + 1);
+      lb(rb, s + 1);
+    }
+    gc_simt_mma<CFG>(As + cur * CFG::BK * CFG::LDA, Bs + cur * CFG::BK * CFG::LDB, acc, tm, tn);
+    if (s + 1 < steps) {  // the other stage: last read before the previous barrier
+      ita.store(As + (cur ^ 1) * CFG::BK * CFG::LDA, ra);
+      itb.store(Bs + (cur ^ 1) * CFG::BK * CFG::LDB, rb);
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, typename I, class CFG>
+__device__ __forceinline__ void gc_igemm_fp(const T* __restrict__ src, const T* __restrict__ wt,
+                                            const T* __restrict__ bias, T* __restrict__ out,
+                                            typename gc_acc<T>::type* __restrict__ partial,
+                                            const gc_fp p, int has_bias, int split) {
+  typedef typename gc_acc<T>::type A;
+  extern __shared__ __align__(16) unsigned char gc_smem[];
+  A* As = reinterpret_cast<A*>(gc_smem);    // [2][BK][LDA]
+  A* Bs = As + 2 * CFG::BK * CFG::LDA;      // [2][BK][LDB]
+  int* tab = reinterpret_cast<int*>(Bs + 2 * CFG::BK * CFG::LDB);  // [T][GC_TAP_INTS]
+  const int T_ = p.TD * p.TH * p.TW;
+  const int Kred = p.Cg * T_;
+  const I M = (I)p.Nimg * p.MD * p.MH * p.MW;
+  const int ntiles = (p.Ng + CFG::BN - 1) / CFG::BN;
+  const int grp = blockIdx.y / ntiles;
+  const int n0 = (blockIdx.y % ntiles) * CFG::BN;
+  const I m0 = (I)blockIdx.x * CFG::BM;
+  const int k_begin = blockIdx.z * p.kchunk;
+  const int k_end = gc_min(Kred, k_begin + p.kchunk);
+  const int steps = k_end > k_begin ? (k_end - k_begin + CFG::BK - 1) / CFG::BK : 0;
+  const int tid = threadIdx.x;
+
+  gc_fp_taps(tab, p, T_, tid, CFG::NT);
+  int tm, tn;
+  gc_simt_thread<CFG>(tid, tm, tn);
+  A acc[8][8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = A(0);
+  __syncthreads();  // tap table ready
+  gc_fp_a_iter<T, I, A, CFG> ita;
+  gc_fp_b_iter<T, I, A, CFG> itb;
+  ita.init(src, tab, p, grp, m0, M, k_begin, tid);
+  itb.init(wt, tab, p, grp, n0, k_begin, tid);
+
+  gc_igemm_mainloop<CFG, A>(
+      As, Bs, ita, itb,
+      [&](A (&r)[gc_fp_a_iter<T, I, A, CFG>::E], int s) {
+        ita.load(r, tab, p, k_begin + s * CFG::BK, k_end);
+      },
+      [&](A (&r)[gc_fp_b_iter<T, I, A, CFG>::E], int s) {
+        itb.load(r, tab, p, k_begin + s * CFG::BK, k_end);
+      },
+      steps, acc, tm, tn);
+
+  // epilogue: out[img, grp*Ng + n, E(m)]
+  const I esp = (I)p.ED * p.EH * p.EW;
+  const I total = (I)p.Nimg * p.Cout * esp;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const I m = m0 + gc_simt_row<CFG>(tm, i);
+    if (m >= M) continue;
+    I r = m;
+    const int mw = (int)(r % p.MW); r /= p.MW;
+    const int mh = (int)(r % p.MH); r /= p.MH;
+    const int md = (int)(r % p.MD);
+    const I img = r / p.MD;
+    const I e = (((I)(md * p.osd + p.ofd) * p.EH + (mh * p.osh + p.ofh)) * p.EW +
+                 (mw * p.osw + p.ofw));
+    const I rowbase = (img * p.Cout + (I)grp * p.Ng) * esp + e;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int n = n0 + gc_simt_col<CFG>(tn, j);
+      if (n >= p.Ng) continue;
+      const I idx = rowbase + (I)n * esp;
+      if (split) {
+        partial[(I)blockIdx.z * total + idx] = acc[i][j];
+      } else {
+        A v = acc[i][j];
+        if (has_bias) v += (A)gc_load(bias + grp * p.Ng + n);
+        gc_store(out + idx, v);
+      }
+    }
+  }
+}
+
+// ---- weight gradient: M = K (per group), N = Cg*taps, K = N*P*Q --------------------------
+// A operand: grad_out rows, k-fast (consecutive threads read consecutive positions).
+template <typename T, typename I, typename A, class CFG>
+struct gc_wg_a_iter {
+  enum { E = CFG::BM * CFG::BK / CFG::NT, CS = CFG::NT / CFG::BK };
+  const T* __restrict__ gy;
+  I base, img, o, osp, s_o;
+  I s_img;
+  int ak, am, mlim;
+
+  __device__ __forceinline__ void init(const T* __restrict__ g_, const gc_geo& g, int grp, int m0,
+                                       I r_begin, int tid) {
+    gy = g_;
+    ak = tid % CFG::BK;
+    am = tid / CFG::BK;
+    mlim = g.Kg - m0;
+    osp = (I)g.OD * g.OH * g.OW;
+    base = ((I)grp * g.Kg + m0 + am) * osp;
+    const I r = r_begin + ak;
+    img = r / osp;
+    o = r - img * osp;
+    s_img = CFG::BK / osp;
+    s_o = CFG::BK % osp;
+  }
+
+  __device__ __forceinline__ void load(A (&r)[E], const gc_geo& g, I r0, I r_end) {
+    const bool kv = r0 + ak < r_end;
+    const I off = base + img * g.K * osp + o;
+#pragma unroll
+    for (int i = 0; i < E; ++i)
+      r[i] = (kv && am + CS * i < mlim) ? (A)gc_load(gy + (off + (I)(CS * i) * osp)) : A(0);
+    o += s_o;
+    img += s_img;
+    if (o >= osp) { o -= osp; ++img; }
+  }
+
+  __device__ __forceinline__ void store(A* __restrict__ As, const A (&r)[E]) const {
+#pragma unroll
+    for (int i = 0; i < E; ++i) As[ak * CFG::LDA + am + CS * i] = r[i];
+  }
+};
+
+// B operand: the input gathered; thread owns column bn = (c, kd, kh, kw) (n-fast) and
+// positions bk + (NT/BN)*j, kept as (n, od, oh, ow) digits.
+template <typename T, typename I, typename A, class CFG>
+struct gc_wg_b_iter {
+  enum { E = CFG::BN * CFG::BK / CFG::NT, RS = CFG::NT / CFG::BN };
+  const T* __restrict__ x;
+  I xc, cdhw;
+  int bn, bk, dkd, dkh, dkw;
+  bool nvalid;
+  gc_opos pos[E];
+  gc_opos step;
+
+  __device__ __forceinline__ void init(const T* __restrict__ x_, const gc_geo& g, int grp, int n0,
+                                       I r_begin, int tid) {
+    x = x_;
+    bn = tid % CFG::BN;
+    bk = tid / CFG::BN;
+    const int taps = g.KD * g.KH * g.KW;
+    const int ncol = n0 + bn;
+    nvalid = ncol < g.Cg * taps;
+    int c = 0, kd = 0, kh = 0, kw = 0;
+    if (nvalid) {
+      c = ncol / taps;
+      int t = ncol - c * taps;
+      kw = t % g.KW; t /= g.KW;
+      kh = t % g.KH;
+      kd = t / g.KH;
+    }
+    const I dhw = (I)g.D * g.H * g.W;
+    cdhw = (I)g.C * dhw;
+    xc = ((I)grp * g.Cg + c) * dhw;
+    dkd = kd * g.dd - g.pd;
+    dkh = kh * g.dh - g.ph;
+    dkw = kw * g.dw - g.pw;
+    step = gc_opos_of(CFG::BK, g);
+#pragma unroll
+    for (int j = 0; j < E; ++j) pos[j] = gc_opos_of(r_begin + bk + RS * j, g);
+  }
+
+  __device__ __forceinline__ void load(A (&r)[E], const gc_geo& g, I r0, I r_end) {
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      A v = A(0);
+      if (nvalid && r0 + bk + RS * j < r_end) {
+        const int id = pos[j].d * g.sd + dkd;
+        const int ih = pos[j].h * g.sh + dkh;
+        const int iw = pos[j].w * g.sw + dkw;
+        if ((unsigned)id < (unsigned)g.D && (unsigned)ih < (unsigned)g.H &&
+            (unsigned)iw < (unsigned)g.W)
+          v = (A)gc_load(x + ((I)pos[j].n * cdhw + xc + ((I)id * g.H + ih) * g.W + iw));
+      }
+      r[j] = v;
+      gc_opos_add(pos[j], step, g);
+    }
+  }
+
+  __device__ __forceinline__ void store(A* __restrict__ Bs, const A (&r)[E]) const {
+#pragma unroll
+    for (int j = 0; j < E; ++j) Bs[(bk + RS * j) * CFG::LDB + bn] = r[j];
+  }
+};
+
+template <typename T, typename I, class CFG>
+__device__ __forceinline__ void gc_igemm_wg(const T* __restrict__ x, const T* __restrict__ gy,
+                                            typename gc_acc<T>::type* __restrict__ partial,
+                                            const gc_geo g, I chunk) {
+  typedef typename gc_acc<T>::type A;
+  extern __shared__ __align__(16) unsigned char gc_smem[];
+  A* As = reinterpret_cast<A*>(gc_smem);
+  A* Bs = As + 2 * CFG::BK * CFG::LDA;
+  const int taps = g.KD * g.KH * g.KW;
+  const int Nn = g.Cg * taps;
+  const I red = (I)g.N * g.OD * g.OH * g.OW;
+  const int mtiles = (g.Kg + CFG::BM - 1) / CFG::BM;
+  const int grp = blockIdx.y / mtiles;
+  const int m0 = (blockIdx.y % mtiles) * CFG::BM;
+  const int n0 = blockIdx.x * CFG::BN;
+  const I r_begin = (I)blockIdx.z * chunk;
+  const I r_end = r_begin + chunk < red ? r_begin + chunk : red;
+  const int steps = r_end > r_begin ? (int)((r_end - r_begin + CFG::BK - 1) / CFG::BK) : 0;
+  const int tid = threadIdx.x;
+
+  gc_wg_a_iter<T, I, A, CFG> ita;
+  gc_wg_b_iter<T, I, A, CFG> itb;
+  ita.init(gy, g, grp, m0, r_begin, tid);
+  itb.init(x, g, grp, n0, r_begin, tid);
+  int tm, tn;
+  gc_simt_thread<CFG>(tid, tm, tn);
+  A acc[8][8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = A(0);
+
+  gc_igemm_mainloop<CFG, A>(
+      As, Bs, ita, itb,
+      [&](A (&r)[gc_wg_a_iter<T, I, A, CFG>::E], int s) {
+        ita.load(r, g, r_begin + (I)s * CFG::BK, r_end);
+      },
+      [&](A (&r)[gc_wg_b_iter<T, I, A, CFG>::E], int s) {
+        itb.load(r, g, r_begin + (I)s * CFG::BK, r_end);
+      },
+      steps, acc, tm, tn);
+
+  A* outp = partial + (I)blockIdx.z * g.K * Nn;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int m = m0 + gc_simt_row<CFG>(tm, i);
+    if (m >= g.Kg) continue;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int n = n0 + gc_simt_col<CFG>(tn, j);
+      if (n < Nn) outp[((I)grp * g.Kg + m) * Nn + n] = acc[i][j];
+    }
+  }
+}
+
+// ---- fixed-order split-K reduction (and the epilogue of a split GEMM) -----------------
+// out[e] = round(sum_{s < splits} partial[s*total + e] + bias[(e / inner) % channels])
+template <typename T>
+__device__ __forceinline__ void gc_igemm_reduce(const typename gc_acc<T>::type* __restrict__ partial,
+                                                const T* __restrict__ bias, T* __restrict__ out,
+                                                long long total, int splits, long long inner,
+                                                int channels, int has_bias) {
+  typedef typename gc_acc<T>::type A;
+  for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+       e += (long long)gridDim.x * blockDim.x) {
+    A s = A(0);
+    for (int i = 0; i < splits; ++i) s += partial[(long long)i * total + e];
+    if (has_bias) s += (A)gc_load(bias + (int)((e / inner) % channels));
+    gc_store(out + e, s);
+  }
+}
+
+#endif  // GPUCONV_IGEMM_CUH
