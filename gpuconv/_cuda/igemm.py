@@ -55,21 +55,40 @@ def fits(g) -> bool:
             and g.Cg * g.taps <= INT32_LIMIT and g.Kg * g.taps <= INT32_LIMIT)
 
 
-def choose_config(M: int, N: int, groups: int) -> str:
-    """'l' (128x128) when N fills a large tile and the large tiles make at least a wave;
+def choose_config(M: int, N: int, groups: int, kred: int = 0, kind: str = "fp") -> str:
+    """'l' (128x128, the better loop) when N fills a large tile and the large tiles make
+    at least a wave, by themselves or split-K over a long enough reduction (`kred`);
     otherwise 's' (64x64): four times the blocks for small layers / few channels.
     GPUCONV_IGEMM_CONFIG=l|s forces one (tests reach both on small data)."""
     forced = _env_choice("GPUCONV_IGEMM_CONFIG", tuple(CONFIGS))
     if forced:
         return forced
+    if N <= 64 or M <= 64:
+        return "s"
     blocks_l = -(-M // 128) * -(-N // 128) * groups
-    return "l" if N > 64 and blocks_l >= NUM_SMS * BLOCKS_PER_SM[("fp", "l")] else "s"
+    max_splits = max(1, min(kred // (4 * CONFIGS["l"]["BK"]), MAX_SPLITS))
+    return "l" if blocks_l * max_splits >= NUM_SMS * BLOCKS_PER_SM[(kind, "l")] else "s"
+
+
+def best_splits(base: int, smax: int, wave: int, waves: float = 2.0) -> int:
+    """Split count for `base` blocks, at most `smax`: about `waves` waves of blocks,
+    the count that wastes the least of the last wave among those (wave quantisation)."""
+    if base >= waves * wave or smax <= 1:
+        return 1
+    best, best_s = -1.0, 1
+    for s in range(1, smax + 1):
+        b = base * s
+        score = b / (-(-b // wave) * wave) * min(1.0, b / (waves * wave))
+        if score > best + 1e-9:
+            best, best_s = score, s
+        if b >= 4 * waves * wave:
+            break
+    return best_s
 
 
 def choose_splits(blocks: int, kred: int, cfg: str) -> int:
-    """Split-K slices for a forward-like GEMM whose grid is under one wave: enough to
-    reach a wave, each slice keeping at least 4 steps of BK.  GPUCONV_IGEMM_SPLITS=n
-    forces n (tests)."""
+    """Split-K slices for a forward-like GEMM whose grid is under one wave (each slice
+    keeps at least 4 steps of BK; best_splits).  GPUCONV_IGEMM_SPLITS=n forces n."""
     bk = CONFIGS[cfg]["BK"]
     forced = os.environ.get("GPUCONV_IGEMM_SPLITS", "").strip()
     if forced:
@@ -80,7 +99,7 @@ def choose_splits(blocks: int, kred: int, cfg: str) -> int:
     wave = NUM_SMS * BLOCKS_PER_SM[("fp", cfg)]
     if blocks >= wave or kred < 8 * bk:
         return 1
-    return max(1, min(-(-wave // blocks), kred // (4 * bk), MAX_SPLITS))
+    return best_splits(blocks, min(kred // (4 * bk), MAX_SPLITS), wave, waves=1.0)
 
 
 def kchunk(kred: int, splits: int, bk: int) -> int:
@@ -180,7 +199,7 @@ def fp_plan(problems, groups: int):
     or every stride phase of one input grad): the config by the largest phase, split-K
     when all their blocks together stay under a wave."""
     M = max(p.M for p in problems)
-    cfg = choose_config(M, problems[0].Ng, groups)
+    cfg = choose_config(M, problems[0].Ng, groups, max(p.kred for p in problems))
     blocks = 0
     for p in problems:
         gx, gy, _ = fp_grid(p, cfg, groups, 1)
@@ -189,23 +208,11 @@ def fp_plan(problems, groups: int):
 
 
 def wg_splits(base: int, red: int, cfg: str) -> int:
-    """Split-K slices of the weight grad: at least two waves of blocks where the
-    reduction allows (>= 16 steps of BK a slice), the count that wastes the least of
-    the last wave (wave quantisation) among those."""
+    """Split-K slices of the weight grad: about two waves of blocks where the reduction
+    allows (>= 16 steps of BK a slice), least wave quantisation (best_splits)."""
     bk = CONFIGS[cfg]["BK"]
-    wave = NUM_SMS * BLOCKS_PER_SM[("wg", cfg)]
     smax = max(1, min(red // (16 * bk), MAX_GRID[2]))
-    if base >= 2 * wave or smax == 1:
-        return 1
-    best, best_s = -1.0, 1
-    for s in range(1, smax + 1):
-        b = base * s
-        score = b / (-(-b // wave) * wave) * min(1.0, b / (2 * wave))
-        if score > best + 1e-9:
-            best, best_s = score, s
-        if b >= 8 * wave:
-            break
-    return best_s
+    return best_splits(base, smax, NUM_SMS * BLOCKS_PER_SM[("wg", cfg)])
 
 
 def wg_plan(g):
@@ -213,7 +220,7 @@ def wg_plan(g):
     split-K over N*P*Q in chunks of BK (wg_splits; GPUCONV_IGEMM_SPLITS=n forces n)."""
     red = g.N * math.prod(g.out_spatial)
     Nn = g.Cg * g.taps
-    cfg = choose_config(g.Kg, Nn, g.groups)
+    cfg = choose_config(g.Kg, Nn, g.groups, red // 4, kind="wg")
     c = CONFIGS[cfg]
     ntiles = -(-Nn // c["BN"])
     mtiles = g.groups * -(-g.Kg // c["BM"])
