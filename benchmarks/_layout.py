@@ -13,7 +13,7 @@ INDEX_SUFFIXES = ("i32", "i64")
 
 @functools.lru_cache(maxsize=None)
 def cuda():
-    """Namespace: CudaBackend, use_tiled, geo_args, dgrad_phases, wgrad_plan,
+    """Namespace: CudaBackend, use_tiled, use_igemm, geo_args, dgrad_phases, wgrad_plan,
     dgrad_as_forward(g), flip_weight(xp, w, g), grid_1d, launch, all_entry_names."""
     from gpuconv import _geometry as geo
     from gpuconv._cuda import backend as B
@@ -21,7 +21,8 @@ def cuda():
     from gpuconv._cuda import plans as P
     from gpuconv._cuda import sources as S
     return types.SimpleNamespace(
-        CudaBackend=B.CudaBackend, use_tiled=P.use_tiled, geo_args=P.geo_args,
+        CudaBackend=B.CudaBackend, use_tiled=P.use_tiled, use_igemm=P.use_igemm,
+        geo_args=P.geo_args,
         dgrad_phases=P.dgrad_phases, wgrad_plan=P.wgrad_plan,
         dgrad_as_forward=geo.dgrad_as_forward,
         flip_weight=lambda xp, w, g: geo.flip_weight(w, g),

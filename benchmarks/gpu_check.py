@@ -207,6 +207,13 @@ SANITIZER_CASES = (
      "x": (2, 8, 13, 12), "w": (8, 1, 7, 7), "stride": 2, "padding": 3, "groups": 8},
     {"name": "channel multiplier 2, 3x3 (all passes)", "algo": "auto", "pass": "all",
      "x": (2, 4, 10, 9), "w": (8, 1, 3, 3), "stride": 1, "padding": 1, "groups": 4},
+    # the implicit-GEMM engine: each tile, split-K (+ its reduce), stride phases, C % 8 != 0
+    {"name": "igemm 64x64 split-K s2 (all passes)", "algo": "igemm", "pass": "all",
+     "env": {"GPUCONV_IGEMM_CONFIG": "s", "GPUCONV_IGEMM_SPLITS": "3"},
+     "x": (2, 5, 9, 10), "w": (12, 5, 3, 3), "stride": 2, "padding": 1, "groups": 1},
+    {"name": "igemm 128x128 grouped (all passes)", "algo": "igemm", "pass": "all",
+     "env": {"GPUCONV_IGEMM_CONFIG": "l", "GPUCONV_IGEMM_SPLITS": "1"},
+     "x": (2, 12, 9, 10), "w": (20, 6, 3, 3), "stride": 1, "padding": 1, "groups": 2},
 )
 SANITIZER_DTYPES = ("float32", "bfloat16")
 
@@ -228,7 +235,8 @@ def sanitizer_plan():
         fams = set()
         for p in _case_passes(c):
             fams |= set(launched_families(_case_kw(c), p, c["x"], c["w"], "float32",
-                                          env={"GPUCONV_CUDA_ALGO": c["algo"]}))
+                                          env={"GPUCONV_CUDA_ALGO": c["algo"],
+                                               **c.get("env", {})}))
         covered |= fams
         out.append({"case": c["name"], "passes": list(_case_passes(c)), "families": sorted(fams)})
     every = sorted({entry_family(n) for n in cuda().all_entry_names()})
@@ -249,6 +257,9 @@ def sanitize_cases(argv=None):
     n = 0
     for c in SANITIZER_CASES:
         os.environ["GPUCONV_CUDA_ALGO"] = c["algo"]
+        for k in ("GPUCONV_IGEMM_CONFIG", "GPUCONV_IGEMM_SPLITS"):
+            os.environ.pop(k, None)
+        os.environ.update(c.get("env", {}))
         kw = _case_kw(c)
         for dt in SANITIZER_DTYPES:
             npdt = _np_dtype(dt)
@@ -276,7 +287,8 @@ def sanitize_cases(argv=None):
                 n += 1
                 print(f"CASE {c['name']} | {p} | {dt} | rel {rel:.2e} | {'ok' if ok else 'WRONG'}",
                       flush=True)
-    os.environ.pop("GPUCONV_CUDA_ALGO", None)
+    for k in ("GPUCONV_CUDA_ALGO", "GPUCONV_IGEMM_CONFIG", "GPUCONV_IGEMM_SPLITS"):
+        os.environ.pop(k, None)
     print(f"SANITIZE-CASES-DONE {n} cases, {bad} wrong", flush=True)
     return 1 if bad else 0
 

@@ -301,6 +301,8 @@ def _weight_for(pass_name, w, kw, x_shape, runtime):
     from gpuconv import _geometry
     CB = cuda()
     g = _geometry.conv_geometry("overhead", x_shape, w.shape, dtype=w.dtype, **kw)
+    if CB.use_igemm(g):  # the implicit-GEMM engine reads the weight as it is: no flip
+        return w
     g2 = CB.dgrad_as_forward(g)
     if g2 is None or not CB.use_tiled(g2):
         return w

@@ -154,12 +154,13 @@ def test_host_overhead_counts_the_launches_of_each_pass():
     known = {host_overhead.entry_family(n) for n in cuda().all_entry_names()} | {"copy"}
     for k, f in fam.items():
         assert f and f <= known, k
-    # the dense 3x3 runs on the implicit-GEMM tiles: one launch forward, the input
-    # gradient as a forward of the flipped weight (its copy counted), split weight
-    # gradient plus its fixed-order reduction
-    assert by[("r50.res2.3x3", "forward")]["launches"] == {"gpuconv_fwdtile_f32_i32": 1}
-    assert fam[("r50.res2.3x3", "input_grad")] == {"fwdtile", "copy"}
-    assert fam[("r50.res2.3x3", "weight_grad")] == {"wgradtile", "wgrad_reduce"}
+    # the dense 3x3 runs on the implicit-GEMM engine: at batch 2 the grid is under a
+    # wave, so each pass is a split-K GEMM plus its fixed-order reduce; the input
+    # gradient reads the weight as it is (no flipped copy)
+    assert by[("r50.res2.3x3", "forward")]["launches"] == {"gpuconv_igemm_fp_f32_s_i32": 1,
+                                                           "gpuconv_igemm_reduce_f32": 1}
+    assert fam[("r50.res2.3x3", "input_grad")] == {"igemm_fp_s", "igemm_reduce"}
+    assert fam[("r50.res2.3x3", "weight_grad")] == {"igemm_wg_s", "igemm_reduce"}
     for r in rows:
         assert r["call_us"] > 0
         assert r["stages"] and all(s["us"] > 0 for s in r["stages"])
