@@ -451,3 +451,25 @@ def test_readme_pytorch_section_runs():
     for i, b in enumerate(blocks):
         exec(compile(b, f"README.md PyTorch block {i}", "exec"), ns)
     assert ns["y"].dtype == torch.bfloat16
+
+
+def test_depthwise_gemms_run_on_pytorchs_pool(monkeypatch):
+    """The CPU depthwise band GEMM also goes through the host GEMM hook inside PyTorch
+    (so depthwise layers start no multi-threaded BLAS of their own), and stays right."""
+    import threading
+    import gpuconv.torch as gt
+    calls = []
+    orig = gt._torch_gemm
+
+    def spy(a, b, out):
+        calls.append(threading.get_ident())
+        orig(a, b, out)
+
+    monkeypatch.setattr(gt, "_torch_gemm", spy)
+    torch.manual_seed(0)
+    native = torch.nn.Conv2d(8, 16, 7, padding=3, groups=8).double()
+    m = gt.convert(copy.deepcopy(native))
+    x = torch.randn(2, 8, 20, 20, dtype=torch.float64)
+    y = m(x)
+    assert calls and set(calls) == {threading.get_ident()}
+    torch.testing.assert_close(y, native(x), rtol=1e-12, atol=1e-12)

@@ -18,6 +18,7 @@ import numpy as np
 
 from .._geometry import effective_kernel
 from .dense import _in_rows_for, _needs_slab, _out_rows_for, _slab, _tap_range, _taps, _view
+from .parallel import matmul as _matmul
 from .parallel import run_parallel as _run_parallel
 from .parallel import run_parallel_sum as _run_parallel_sum
 from .workspace import arena_bytes as _arena_bytes
@@ -704,7 +705,7 @@ def _band_pass(p, src, W, out, bias, band, pad_lo):
         B = np.ndarray((cbc, ntc, b.Kp, cols), dtype=cdt, buffer=arena.buf, offset=0,
                        strides=(R * Ks * Jr * cols * it, tile * it, cols * it, it))
         O = arena.take((cbc, ntc, pt * Ko, cols), cdt)
-        np.matmul(T.reshape(cbc, 1, pt * Ko, b.Kp), B, out=O)
+        _matmul(T.reshape(cbc, 1, pt * Ko, b.Kp), B, O)
         r0 = t0 * pt
         r1 = min(P0, t1 * pt)
         Ov = O.reshape((cbc, ntc * pt, Ko, nbc) + b.out_sp[1:])[:, :r1 - r0]
