@@ -288,9 +288,12 @@ def check_dtype(op: str, arrays: dict) -> np.dtype:
 
 def _shape_of(op: str, name: str, shape) -> tuple:
     try:
-        return tuple(_as_int(op, name, s) for s in shape)
+        out = tuple(_as_int(op, name, s) for s in shape)
     except TypeError:
         raise TypeError(f"{op}: {name} must be a sequence of ints, got {shape!r}") from None
+    if any(s < 0 for s in out):
+        raise ValueError(f"{op}: {name}={shape!r} has a negative size; every size must be >= 0")
+    return out
 
 
 def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1, groups=1,

@@ -455,3 +455,24 @@ def test_masked_arrays_are_refused_not_silently_unmasked():
     x = np.ma.masked_array(np.ones((1, 2, 5, 5)), mask=False)
     with pytest.raises(TypeError, match=r"conv: x is a numpy.ma.MaskedArray"):
         gpuconv.conv(x, np.ones((3, 2, 3, 3)))
+
+
+# ----------------------------------------------------------------------------- issue 9
+@pytest.mark.parametrize("xs, ws", [((-1, 4, 7, 7), (6, 4, 3, 3)), ((1, 4, 7, 7), (-6, 4, 3, 3)),
+                                    ((1, -4, 7, 7), (6, -4, 3, 3)), ((1, 4, -7, 7), (6, 4, 3, 3)),
+                                    ((1, 4, 7, 7), (6, 4, 3, -3))])
+def test_negative_sizes_in_conv_output_shape(xs, ws):
+    with raises(ValueError, "conv_output_shape", "negative size"):
+        gpuconv.conv_output_shape(xs, ws)
+
+
+@pytest.mark.parametrize("xs, ws", [((-1, 4, 5, 5), (4, 2, 3, 3)), ((1, 4, 5, 5), (4, -2, 3, 3)),
+                                    ((1, -4, 5, 5), (-4, 2, 3, 3))])
+def test_negative_sizes_in_conv_transpose_output_shape(xs, ws):
+    with raises(ValueError, "conv_transpose_output_shape", "negative size"):
+        gpuconv.conv_transpose_output_shape(xs, ws)
+
+
+def test_negative_input_shape_in_a_gradient():
+    with raises(ValueError, "conv_input_grad", "input_shape", "negative size"):
+        gpuconv.conv_input_grad(GY, W, (-2, 4, 5, 5))
