@@ -25,6 +25,15 @@ __all__ = [
 ]
 
 
+def _namespace(op, **arrays):
+    """array_namespace of the arrays, every one required except ``bias``: a None
+    array argument is a TypeError naming it (not an AttributeError later)."""
+    for name, a in arrays.items():
+        if a is None and name != "bias":
+            raise TypeError(f"{op}: {name} is None; expected a numpy.ndarray or cupy.ndarray")
+    return array_namespace(op, **arrays)
+
+
 def _ndim_check(op, name, a, allowed, form):
     if a.ndim not in allowed:
         raise ValueError(f"{op}: {name} must have {' or '.join(map(str, allowed))} dims "
@@ -123,7 +132,7 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, bac
     (1, 3, 5, 5)
     """
     op = "conv"
-    xp = array_namespace(op, x=x, weight=weight, bias=bias)
+    xp = _namespace(op, x=x, weight=weight, bias=bias)
     dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
     g = _geometry(op, x.shape, weight.shape, stride, padding, dilation, groups, dtype)
     _check_bias(op, bias, g.K)
@@ -145,7 +154,7 @@ def conv_input_grad(grad_out, weight, input_shape, *, stride=1, padding=0, dilat
     Returns an array of ``input_shape``.
     """
     op = "conv_input_grad"
-    xp = array_namespace(op, grad_out=grad_out, weight=weight)
+    xp = _namespace(op, grad_out=grad_out, weight=weight)
     dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
     input_shape = geo._shape_of(op, "input_shape", input_shape)
     g = _geometry(op, input_shape, weight.shape, stride, padding, dilation, groups, dtype,
@@ -162,7 +171,7 @@ def conv_weight_grad(x, grad_out, weight_shape, *, stride=1, padding=0, dilation
     positions runs in a fixed order.
     """
     op = "conv_weight_grad"
-    xp = array_namespace(op, x=x, grad_out=grad_out)
+    xp = _namespace(op, x=x, grad_out=grad_out)
     dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
     weight_shape = geo._shape_of(op, "weight_shape", weight_shape)
     g = _geometry(op, x.shape, weight_shape, stride, padding, dilation, groups, dtype,
@@ -177,7 +186,7 @@ def conv_bias_grad(grad_out):
     Half types are summed in float32 and rounded once.
     """
     op = "conv_bias_grad"
-    xp = array_namespace(op, grad_out=grad_out)
+    xp = _namespace(op, grad_out=grad_out)
     dtype = geo.check_dtype(op, {"grad_out": grad_out})
     if grad_out.ndim < 3:
         raise ValueError(f"{op}: grad_out must be (N, K, *spatial) with at least one spatial dim, "
@@ -212,7 +221,7 @@ def conv_transpose(x, weight, bias=None, *, stride=1, padding=0, output_padding=
 
 def _conv_transpose(op, rank, x, weight, bias, stride, padding, output_padding, dilation, groups,
                     backend):
-    xp = array_namespace(op, x=x, weight=weight, bias=bias)
+    xp = _namespace(op, x=x, weight=weight, bias=bias)
     dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
     g, L = geo.transpose_geometry(op, x.shape, weight.shape, stride=stride, padding=padding,
                                   output_padding=output_padding, dilation=dilation,
@@ -262,7 +271,7 @@ def conv_transpose_input_grad(grad_out, weight, input_shape, *, stride=1, paddin
     ``conv(grad_out, weight)`` (cropped to L where ``output_padding >= stride``).
     """
     op = "conv_transpose_input_grad"
-    xp = array_namespace(op, grad_out=grad_out, weight=weight)
+    xp = _namespace(op, grad_out=grad_out, weight=weight)
     dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
     g, L = geo.transpose_geometry(op, input_shape, weight.shape, stride=stride, padding=padding,
                                   output_padding=output_padding, dilation=dilation,
@@ -282,7 +291,7 @@ def conv_transpose_weight_grad(x, grad_out, weight_shape, *, stride=1, padding=0
     gradient of its output ``(N, C_out, *out)``.  Deterministic on every backend.
     """
     op = "conv_transpose_weight_grad"
-    xp = array_namespace(op, x=x, grad_out=grad_out)
+    xp = _namespace(op, x=x, grad_out=grad_out)
     dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
     g, L = geo.transpose_geometry(op, x.shape, weight_shape, stride=stride, padding=padding,
                                   output_padding=output_padding, dilation=dilation,
@@ -349,7 +358,7 @@ def _make_conv(nd):
 
     def f(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, backend=None):
         op = name
-        xp = array_namespace(op, x=x, weight=weight, bias=bias)
+        xp = _namespace(op, x=x, weight=weight, bias=bias)
         dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
         batched, shared = _seed_forms(op, nd, x=x, weight=weight)
         xb = x if batched else x[None]
@@ -375,7 +384,7 @@ def _make_input_grad(nd):
     def f(grad_out, weight, input_shape, *, stride=1, padding=0, dilation=1, groups=1,
           backend=None):
         op = name
-        xp = array_namespace(op, grad_out=grad_out, weight=weight)
+        xp = _namespace(op, grad_out=grad_out, weight=weight)
         dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
         input_shape = geo._shape_of(op, "input_shape", input_shape)
         batched, shared = _seed_forms(op, nd, weight=weight, input_shape=input_shape)
@@ -402,7 +411,7 @@ def _make_weight_grad(nd):
 
     def f(x, grad_out, weight_shape, *, stride=1, padding=0, dilation=1, groups=1, backend=None):
         op = name
-        xp = array_namespace(op, x=x, grad_out=grad_out)
+        xp = _namespace(op, x=x, grad_out=grad_out)
         dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
         weight_shape = geo._shape_of(op, "weight_shape", weight_shape)
         batched, shared = _seed_forms(op, nd, x=x, weight_shape=weight_shape)

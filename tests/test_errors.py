@@ -476,3 +476,32 @@ def test_negative_sizes_in_conv_transpose_output_shape(xs, ws):
 def test_negative_input_shape_in_a_gradient():
     with raises(ValueError, "conv_input_grad", "input_shape", "negative size"):
         gpuconv.conv_input_grad(GY, W, (-2, 4, 5, 5))
+
+
+_GX_SHAPE = X.shape
+_NONE_CALLS = [
+    ("conv", "x", lambda: gpuconv.conv(None, W)),
+    ("conv", "weight", lambda: gpuconv.conv(X, None)),
+    ("conv2d", "x", lambda: gpuconv.conv2d(None, W)),
+    ("conv2d", "weight", lambda: gpuconv.conv2d(X, None)),
+    ("conv_input_grad", "grad_out", lambda: gpuconv.conv_input_grad(None, W, _GX_SHAPE)),
+    ("conv_input_grad", "weight", lambda: gpuconv.conv_input_grad(GY, None, _GX_SHAPE)),
+    ("conv2d_input_grad", "grad_out", lambda: gpuconv.conv2d_input_grad(None, W, _GX_SHAPE)),
+    ("conv_weight_grad", "x", lambda: gpuconv.conv_weight_grad(None, GY, W.shape)),
+    ("conv_weight_grad", "grad_out", lambda: gpuconv.conv_weight_grad(X, None, W.shape)),
+    ("conv2d_weight_grad", "x", lambda: gpuconv.conv2d_weight_grad(None, GY, W.shape)),
+    ("conv_bias_grad", "grad_out", lambda: gpuconv.conv_bias_grad(None)),
+    ("conv_transpose", "x", lambda: gpuconv.conv_transpose(None, W.transpose(1, 0, 2, 3))),
+    ("conv_transpose", "weight", lambda: gpuconv.conv_transpose(GY, None)),
+    ("conv_transpose2d", "x", lambda: gpuconv.conv_transpose2d(None, W)),
+    ("conv_transpose_input_grad", "grad_out",
+     lambda: gpuconv.conv_transpose_input_grad(None, W, GY.shape)),
+    ("conv_transpose_weight_grad", "x",
+     lambda: gpuconv.conv_transpose_weight_grad(None, X, W.shape)),
+]
+
+
+@pytest.mark.parametrize("op, name, call", _NONE_CALLS, ids=[f"{o}-{n}" for o, n, _ in _NONE_CALLS])
+def test_none_array_argument(op, name, call):
+    with raises(TypeError, f"{op}: {name} is None"):
+        call()
