@@ -344,7 +344,14 @@ def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1,
     d = _int_tuple(op, "dilation", dilation, nd, 1)
     lo, hi = resolve_padding(op, padding, in_spatial, kernel, s, d,
                              allow_strings=allow_string_padding)
+    _check_extents(op, padding, in_spatial, lo, hi, xn, x_shape)
+    # canonical stride / dilation where their size cannot matter (one output position,
+    # one tap): a valid stride=2**70 then never reaches int64 / int32 arithmetic
+    d = tuple(1 if k == 1 else dd for k, dd in zip(kernel, d))
     out = tuple(output_size(*a) for a in zip(in_spatial, kernel, s, d, lo, hi))
+    if min(out) >= 1:
+        s = tuple(min(st, L + a + b - effective_kernel(k, dd) + 1)
+                  for st, L, a, b, k, dd in zip(s, in_spatial, lo, hi, kernel, d))
     if min(out) < 1:
         i = int(np.argmin(out))
         eff = effective_kernel(kernel[i], d[i])
@@ -353,9 +360,40 @@ def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1,
             f"padded input size {in_spatial[i] + lo[i] + hi[i]} (input {in_spatial[i]}, padding "
             f"({lo[i]}, {hi[i]})) in spatial dim {i}: output size would be {out[i]}; "
             f"{xn}={_fmt_shape(x_shape)}, {wn}={_fmt_shape(w_shape)}")
-    return ConvGeometry(op=op, N=N, C=C, K=K, groups=g, in_spatial=in_spatial, kernel=kernel,
+    geom = ConvGeometry(op=op, N=N, C=C, K=K, groups=g, in_spatial=in_spatial, kernel=kernel,
                         out_spatial=out, stride=s, dilation=d, pad_lo=lo, pad_hi=hi,
                         dtype=np.dtype(dtype))
+    _check_total(op, geom, padding, xn, wn)
+    return geom
+
+
+# Largest extent of one spatial dimension, padding included: every kernel indexes a
+# dimension with 32-bit integers (the tensors as a whole may be larger).
+MAX_EXTENT = 2**31 - 1
+
+
+def _check_extents(op, padding, in_spatial, lo, hi, xn, x_shape):
+    for i, (L, a, b) in enumerate(zip(in_spatial, lo, hi)):
+        if L + a + b > MAX_EXTENT:
+            what = f"padding={padding!r}" if L <= MAX_EXTENT else f"{xn}={_fmt_shape(x_shape)}"
+            raise ValueError(
+                f"{op}: {what} would need a padded spatial dim {i} of {L + a + b} elements "
+                f"(input {L}, padding ({a}, {b})); at most {MAX_EXTENT} (2**31 - 1) per "
+                f"dimension are supported")
+
+
+def _check_total(op, g, padding, xn, wn):
+    """Every tensor of the problem must be allocatable (bytes within the address space)."""
+    import sys
+    it = np.dtype(g.dtype).itemsize
+    for what, shape in (("the output", g.y_shape), ("the input", g.x_shape),
+                        ("the weight", g.w_shape)):
+        n = math.prod(shape)
+        if n * it > sys.maxsize:
+            cause = (f"padding={padding!r}" if what == "the output" and any(g.pad_lo + g.pad_hi)
+                     else f"{xn}={_fmt_shape(g.x_shape)}, {wn}={_fmt_shape(g.w_shape)}")
+            raise ValueError(f"{op}: {cause} would need {what} of shape {_fmt_shape(shape)}: "
+                             f"{n} elements, {n * it} bytes, more than this machine can address")
 
 
 def check_shape(op: str, name: str, got, expected, why: str) -> None:
@@ -417,6 +455,13 @@ def transpose_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, output
     lo, hi = resolve_padding(op, padding, L, kernel, s, d, allow_strings=False)
     opad = transpose_output_padding(op, output_padding, nd, s, d)
     out = tuple(transposed_output_size(*a) for a in zip(L, kernel, s, d, lo, hi, opad))
+    for i, o in enumerate(out):
+        if o > MAX_EXTENT:
+            raise ValueError(
+                f"{op}: stride={stride!r}, dilation={dilation!r}, output_padding="
+                f"{output_padding!r} would need an output spatial dim {i} of {o} elements "
+                f"for {xn}={_fmt_shape(x_shape)}, {wn}={_fmt_shape(w_shape)}; at most "
+                f"{MAX_EXTENT} (2**31 - 1) per dimension are supported")
     if min(out) < 1:
         raise ValueError(f"{op}: output size {out} is not positive for {xn}="
                          f"{_fmt_shape(x_shape)}, {wn}={_fmt_shape(w_shape)}, "

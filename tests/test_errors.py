@@ -505,3 +505,40 @@ _NONE_CALLS = [
 def test_none_array_argument(op, name, call):
     with raises(TypeError, f"{op}: {name} is None"):
         call()
+
+
+# huge integers: a valid geometry works whatever the size of an irrelevant stride or
+# dilation; an impossible size is a ValueError naming the argument and the size needed
+def test_huge_stride_is_a_valid_geometry(backend, to_backend):
+    x = RNG.standard_normal((2, 4, 5, 6))
+    w = RNG.standard_normal((3, 4, 3, 3))
+    # one output position per dim: y[n, k] = sum over the leading 3x3 window
+    want = np.einsum("ncij,kcij->nk", x[:, :, :3, :3], w)[:, :, None, None]
+    for stride in (2**70, (2**70, 2**64), (2**63, 10**30)):
+        y = gt.to_numpy(gpuconv.conv(to_backend(x), to_backend(w), stride=stride))
+        assert y.shape == (2, 3, 1, 1)
+        np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    # one huge and one ordinary stride: the ordinary one still counts
+    y = gt.to_numpy(gpuconv.conv(to_backend(x), to_backend(w), stride=(2**70, 2)))
+    np.testing.assert_allclose(y, ref.conv(x[:, :, :3], w, stride=(1, 2)), rtol=1e-12, atol=1e-12)
+    gx = gt.to_numpy(gpuconv.conv_input_grad(to_backend(GY[:, :3, :1, :1]), to_backend(w),
+                                             x.shape, stride=2**70))
+    np.testing.assert_allclose(gx, ref.conv_input_grad(GY[:, :3, :1, :1], w, x.shape, stride=9),
+                               rtol=1e-12, atol=1e-12)
+    # a 1-tap kernel: any dilation is the same
+    w1 = RNG.standard_normal((3, 4, 1, 3))
+    y = gt.to_numpy(gpuconv.conv(to_backend(x), to_backend(w1), dilation=(2**70, 1)))
+    np.testing.assert_allclose(y, ref.conv(x, w1), rtol=1e-12, atol=1e-12)
+
+
+def test_impossible_padding_names_padding_and_the_size(backend, to_backend):
+    x, w = to_backend(X), to_backend(W)
+    with raises(ValueError, "conv:", "padding=1000000000", "(2, 6, 2000000003, 2000000003)",
+                "bytes"):
+        gpuconv.conv(x, w, padding=10**9)
+    with raises(ValueError, "conv:", "padding=3000000000", "6000000005", "2**31 - 1"):
+        gpuconv.conv(x, w, padding=3 * 10**9, stride=10**10)
+    with raises(ValueError, "conv_input_grad:", "padding=1000000000", "bytes"):
+        gpuconv.conv_input_grad(to_backend(GY), w, X.shape, padding=10**9)
+    with raises(ValueError, "conv_transpose:", "stride=1180591620717411303424", "2**31 - 1"):
+        gpuconv.conv_transpose(to_backend(GY), w, stride=2**70)
