@@ -542,3 +542,49 @@ def test_impossible_padding_names_padding_and_the_size(backend, to_backend):
         gpuconv.conv_input_grad(to_backend(GY), w, X.shape, padding=10**9)
     with raises(ValueError, "conv_transpose:", "stride=1180591620717411303424", "2**31 - 1"):
         gpuconv.conv_transpose(to_backend(GY), w, stride=2**70)
+
+
+# ----------------------------------------------------------------------------- knobs
+@pytest.fixture
+def fresh_workspace_setting():
+    from gpuconv._cpu import workspace
+    saved = workspace._workspace
+    workspace._workspace = None
+    try:
+        yield workspace
+    finally:
+        workspace._workspace = saved
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "0", "-3", "abc", "1e300"])
+def test_workspace_env_rejects(monkeypatch, fresh_workspace_setting, value):
+    monkeypatch.setenv("GPUCONV_WORKSPACE_MB", value)
+    with raises(ValueError, "GPUCONV_WORKSPACE_MB", repr(value)):
+        gpuconv.get_workspace_limit()
+
+
+def test_workspace_env_accepts(monkeypatch, fresh_workspace_setting):
+    monkeypatch.setenv("GPUCONV_WORKSPACE_MB", " 1.5 ")
+    assert gpuconv.get_workspace_limit() == int(1.5 * 2**20)
+
+
+@pytest.mark.parametrize("value, exc", [(float("inf"), ValueError), (float("nan"), ValueError),
+                                        (1e300, ValueError), (-1, ValueError),
+                                        (True, TypeError), (False, TypeError),
+                                        ("abc", TypeError), ("64", TypeError),
+                                        (None, TypeError), ([1], TypeError)])
+def test_set_workspace_limit_rejects(fresh_workspace_setting, value, exc):
+    before = gpuconv.get_workspace_limit()
+    with raises(exc, "set_workspace_limit", "megabytes", repr(value)):
+        gpuconv.set_workspace_limit(value)
+    assert gpuconv.get_workspace_limit() == before  # unchanged
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "1.5"])
+def test_num_threads_env_rejects(monkeypatch, value):
+    from gpuconv._cpu.parallel import get_num_threads
+    monkeypatch.setenv("GPUCONV_NUM_THREADS", value)
+    with raises(ValueError, "GPUCONV_NUM_THREADS", repr(value)):
+        get_num_threads()
+    with raises(ValueError, "GPUCONV_NUM_THREADS", repr(value)):  # and at the call
+        gpuconv.conv(X, W, backend="numpy")

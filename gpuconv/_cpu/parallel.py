@@ -77,12 +77,17 @@ def get_num_threads() -> int:
     OPENBLAS_NUM_THREADS etc.), at most the usable cores."""
     if getattr(_host, "gemm", None) is not None:
         return 1
-    env = os.environ.get("GPUCONV_NUM_THREADS")
+    env = os.environ.get("GPUCONV_NUM_THREADS", "").strip()
     if env:
         try:
-            return max(1, int(env))
+            n = int(env)
         except ValueError:
-            raise ValueError(f"GPUCONV_NUM_THREADS={env!r} is not an integer") from None
+            raise ValueError(f"environment variable GPUCONV_NUM_THREADS={env!r} is not an "
+                             f"integer (a number of threads >= 1)") from None
+        if n < 1:
+            raise ValueError(f"environment variable GPUCONV_NUM_THREADS={env!r} must be >= 1 "
+                             f"(a number of threads; unset it for the BLAS thread count)")
+        return n
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

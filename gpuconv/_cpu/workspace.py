@@ -23,30 +23,42 @@ _ALIGN = 64
 _UFUNC_RESERVE = 96 * 1024
 
 
+def _megabytes(where: str, value) -> float:
+    """A finite number of MiB > 0, with at least one byte: else ValueError/TypeError."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, str, np.number)):
+        raise TypeError(f"{where} must be a number of MiB (an int or a float > 0), "
+                        f"got {value!r}")
+    try:
+        mb = float(value)
+    except ValueError:
+        raise ValueError(f"{where} must be a number of MiB (> 0), got {value!r}") from None
+    if not math.isfinite(mb) or not mb > 0:
+        raise ValueError(f"{where} must be a finite number of MiB > 0, got {value!r}")
+    if mb * _MB > 2**62:
+        raise ValueError(f"{where}={value!r} MiB is more than any machine's memory")
+    return mb
+
+
 def get_workspace_limit() -> int:
     """Current CPU workspace limit in bytes."""
     global _workspace
     if _workspace is None:
-        env = os.environ.get("GPUCONV_WORKSPACE_MB")
-        try:
-            mb = float(env) if env else 256.0
-        except ValueError:
-            raise ValueError(f"GPUCONV_WORKSPACE_MB={env!r} is not a number of MiB") from None
-        if not mb > 0:
-            raise ValueError(f"GPUCONV_WORKSPACE_MB={env!r} must be > 0")
-        _workspace = int(mb * _MB)
+        env = os.environ.get("GPUCONV_WORKSPACE_MB", "").strip()
+        mb = _megabytes(f"environment variable GPUCONV_WORKSPACE_MB={env!r}: the value",
+                        env) if env else 256.0
+        _workspace = max(1, int(mb * _MB))
     return _workspace
 
 
 def set_workspace_limit(megabytes) -> None:
-    """Bound the temporaries of the CPU backend to ``megabytes`` MiB (> 0)."""
+    """Bound the temporaries of the CPU backend to ``megabytes`` MiB (a finite number > 0)."""
     global _workspace
-    mb = float(megabytes)
-    if not mb > 0:
-        raise ValueError(f"set_workspace_limit: megabytes={megabytes!r} must be > 0")
+    if isinstance(megabytes, str):
+        raise TypeError(f"set_workspace_limit: megabytes must be a number of MiB (an int or a "
+                        f"float > 0), got the string {megabytes!r}")
+    mb = _megabytes("set_workspace_limit: megabytes", megabytes)
     _workspace = max(1, int(mb * _MB))
     clear_workspace_cache()
-
 
 
 # ============================================================================ arenas
