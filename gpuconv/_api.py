@@ -34,6 +34,17 @@ def _namespace(op, **arrays):
     return array_namespace(op, **arrays)
 
 
+def _prepare(op, **arrays):
+    """(xp, dtype, arrays): the namespace, the one dtype (native byte order) and the
+    arrays in native byte order -- a big-endian array (FITS files, ``'>f8'``) is
+    copied once, here, into native order, so every backend computes in its precision."""
+    xp = _namespace(op, **arrays)
+    dtype = geo.check_dtype(op, arrays)
+    return xp, dtype, tuple(a if a is None or a.dtype.isnative else
+                            a.astype(a.dtype.newbyteorder("="))
+                            for a in arrays.values())
+
+
 def _ndim_check(op, name, a, allowed, form):
     if a.ndim not in allowed:
         raise ValueError(f"{op}: {name} must have {' or '.join(map(str, allowed))} dims "
@@ -132,8 +143,7 @@ def conv(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, bac
     (1, 3, 5, 5)
     """
     op = "conv"
-    xp = _namespace(op, x=x, weight=weight, bias=bias)
-    dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
+    xp, dtype, (x, weight, bias) = _prepare(op, x=x, weight=weight, bias=bias)
     g = _geometry(op, x.shape, weight.shape, stride, padding, dilation, groups, dtype)
     _check_bias(op, bias, g.K)
     return _forward(op, x, weight, bias, g, xp, backend)
@@ -154,8 +164,7 @@ def conv_input_grad(grad_out, weight, input_shape, *, stride=1, padding=0, dilat
     Returns an array of ``input_shape``.
     """
     op = "conv_input_grad"
-    xp = _namespace(op, grad_out=grad_out, weight=weight)
-    dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
+    xp, dtype, (grad_out, weight) = _prepare(op, grad_out=grad_out, weight=weight)
     input_shape = geo._shape_of(op, "input_shape", input_shape)
     g = _geometry(op, input_shape, weight.shape, stride, padding, dilation, groups, dtype,
                   names=("input_shape", "weight.shape"))
@@ -171,8 +180,7 @@ def conv_weight_grad(x, grad_out, weight_shape, *, stride=1, padding=0, dilation
     positions runs in a fixed order.
     """
     op = "conv_weight_grad"
-    xp = _namespace(op, x=x, grad_out=grad_out)
-    dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
+    xp, dtype, (x, grad_out) = _prepare(op, x=x, grad_out=grad_out)
     weight_shape = geo._shape_of(op, "weight_shape", weight_shape)
     g = _geometry(op, x.shape, weight_shape, stride, padding, dilation, groups, dtype,
                   names=("x.shape", "weight_shape"))
@@ -186,8 +194,7 @@ def conv_bias_grad(grad_out):
     Half types are summed in float32 and rounded once.
     """
     op = "conv_bias_grad"
-    xp = _namespace(op, grad_out=grad_out)
-    dtype = geo.check_dtype(op, {"grad_out": grad_out})
+    xp, dtype, (grad_out,) = _prepare(op, grad_out=grad_out)
     if grad_out.ndim < 3:
         raise ValueError(f"{op}: grad_out must be (N, K, *spatial) with at least one spatial dim, "
                          f"got grad_out.shape={geo._fmt_shape(grad_out.shape)}")
@@ -221,8 +228,7 @@ def conv_transpose(x, weight, bias=None, *, stride=1, padding=0, output_padding=
 
 def _conv_transpose(op, rank, x, weight, bias, stride, padding, output_padding, dilation, groups,
                     backend):
-    xp = _namespace(op, x=x, weight=weight, bias=bias)
-    dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
+    xp, dtype, (x, weight, bias) = _prepare(op, x=x, weight=weight, bias=bias)
     g, L = geo.transpose_geometry(op, x.shape, weight.shape, stride=stride, padding=padding,
                                   output_padding=output_padding, dilation=dilation,
                                   groups=groups, dtype=dtype, rank=rank)
@@ -271,8 +277,7 @@ def conv_transpose_input_grad(grad_out, weight, input_shape, *, stride=1, paddin
     ``conv(grad_out, weight)`` (cropped to L where ``output_padding >= stride``).
     """
     op = "conv_transpose_input_grad"
-    xp = _namespace(op, grad_out=grad_out, weight=weight)
-    dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
+    xp, dtype, (grad_out, weight) = _prepare(op, grad_out=grad_out, weight=weight)
     g, L = geo.transpose_geometry(op, input_shape, weight.shape, stride=stride, padding=padding,
                                   output_padding=output_padding, dilation=dilation,
                                   groups=groups, dtype=dtype,
@@ -291,8 +296,7 @@ def conv_transpose_weight_grad(x, grad_out, weight_shape, *, stride=1, padding=0
     gradient of its output ``(N, C_out, *out)``.  Deterministic on every backend.
     """
     op = "conv_transpose_weight_grad"
-    xp = _namespace(op, x=x, grad_out=grad_out)
-    dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
+    xp, dtype, (x, grad_out) = _prepare(op, x=x, grad_out=grad_out)
     g, L = geo.transpose_geometry(op, x.shape, weight_shape, stride=stride, padding=padding,
                                   output_padding=output_padding, dilation=dilation,
                                   groups=groups, dtype=dtype, names=("x.shape", "weight_shape"))
@@ -358,8 +362,7 @@ def _make_conv(nd):
 
     def f(x, weight, bias=None, *, stride=1, padding=0, dilation=1, groups=1, backend=None):
         op = name
-        xp = _namespace(op, x=x, weight=weight, bias=bias)
-        dtype = geo.check_dtype(op, {"x": x, "weight": weight, "bias": bias})
+        xp, dtype, (x, weight, bias) = _prepare(op, x=x, weight=weight, bias=bias)
         batched, shared = _seed_forms(op, nd, x=x, weight=weight)
         xb = x if batched else x[None]
         wshape = _shared_wshape(op, weight.shape, xb.shape[1], groups, shared)
@@ -384,8 +387,7 @@ def _make_input_grad(nd):
     def f(grad_out, weight, input_shape, *, stride=1, padding=0, dilation=1, groups=1,
           backend=None):
         op = name
-        xp = _namespace(op, grad_out=grad_out, weight=weight)
-        dtype = geo.check_dtype(op, {"grad_out": grad_out, "weight": weight})
+        xp, dtype, (grad_out, weight) = _prepare(op, grad_out=grad_out, weight=weight)
         input_shape = geo._shape_of(op, "input_shape", input_shape)
         batched, shared = _seed_forms(op, nd, weight=weight, input_shape=input_shape)
         xshape = input_shape if batched else (1,) + input_shape
@@ -411,8 +413,7 @@ def _make_weight_grad(nd):
 
     def f(x, grad_out, weight_shape, *, stride=1, padding=0, dilation=1, groups=1, backend=None):
         op = name
-        xp = _namespace(op, x=x, grad_out=grad_out)
-        dtype = geo.check_dtype(op, {"x": x, "grad_out": grad_out})
+        xp, dtype, (x, grad_out) = _prepare(op, x=x, grad_out=grad_out)
         weight_shape = geo._shape_of(op, "weight_shape", weight_shape)
         batched, shared = _seed_forms(op, nd, x=x, weight_shape=weight_shape)
         xb = x if batched else x[None]

@@ -280,10 +280,32 @@ def check_dtype(op: str, arrays: dict) -> np.dtype:
         if dtype_name(dt) not in DTYPES:
             raise TypeError(f"{op}: {name} has dtype {dt.name}; supported dtypes are {DTYPES_TEXT}")
         dtypes[name] = dt
-    if len(set(dtypes.values())) > 1:
-        desc = ", ".join(f"{n}={d.name}" for n, d in dtypes.items())
+    if not dtypes:
+        raise TypeError(f"{op}: no array given")
+    if len({d.name for d in dtypes.values()}) > 1:
+        desc = ", ".join(f"{n}={_dtype_text(d)}" for n, d in dtypes.items())
         raise TypeError(f"{op}: all arrays must share one dtype, got {desc}; cast them first")
-    return next(iter(dtypes.values()))
+    if len({_byte_order(d) for d in dtypes.values()}) > 1:
+        desc = ", ".join(f"{n} is {_dtype_text(d, True)}" for n, d in dtypes.items())
+        raise TypeError(f"{op}: all arrays must share one byte order, got {desc}; convert them "
+                        f"to one first, e.g. a.astype(a.dtype.newbyteorder('='))")
+    return next(iter(dtypes.values())).newbyteorder("=")
+
+
+def _byte_order(dt: np.dtype) -> str:
+    """'big-endian' or 'little-endian' ('|' single-byte types count as native)."""
+    import sys
+    if dt.byteorder in ("=", "|"):
+        return sys.byteorder + "-endian"
+    return "big-endian" if dt.byteorder == ">" else "little-endian"
+
+
+def _dtype_text(dt: np.dtype, always=False) -> str:
+    """'float64', or with the byte order where it is not native (or always): 'big-endian
+    float64 ('>f8')'."""
+    if dt.isnative and not always:
+        return dt.name
+    return f"{_byte_order(dt)} {dt.name} ({dt.str!r})"
 
 
 def _shape_of(op: str, name: str, shape) -> tuple:

@@ -296,3 +296,47 @@ def test_chunked_cpu_backend_matches_reference(tiny_workspace, groups, Cg, Kg):
 def test_workspace_limit_validation():
     with pytest.raises(ValueError, match="megabytes"):
         gpuconv.set_workspace_limit(0)
+
+
+# ----------------------------------------------------------------------------- byte order
+@pytest.mark.parametrize("dt", [">f8", ">f4", ">f2"])
+def test_big_endian_arrays_in_their_precision(backend, dt):
+    """FITS data is big-endian: every pass gives the array's precision (converted to
+    native byte order once), and the inputs stay as they were."""
+    if backend == "cupy":
+        pytest.skip("CuPy arrays are always in native byte order")
+    rng = np.random.default_rng(7)
+    kw = dict(stride=(2, 1), padding=1, dilation=(1, 2))
+    x = rng.standard_normal((2, 3, 7, 8)).astype(dt)
+    w = rng.standard_normal((4, 3, 3, 2)).astype(dt)
+    b = rng.standard_normal(4).astype(dt)
+    copies = [a.copy() for a in (x, w, b)]
+    native = np.dtype(dt).newbyteorder("=")
+    y = gpuconv.conv(x, w, b, **kw)
+    assert y.dtype == native and y.dtype.isnative
+    gt.assert_close(y, ref.conv(x, w, b, **kw), native, f"conv {dt}")
+    gy = rng.standard_normal(y.shape).astype(dt)
+    gt.assert_close(gpuconv.conv_input_grad(gy, w, x.shape, **kw),
+                    ref.conv_input_grad(gy, w, x.shape, **kw), native, f"input grad {dt}")
+    gt.assert_close(gpuconv.conv_weight_grad(x, gy, w.shape, **kw),
+                    ref.conv_weight_grad(x, gy, w.shape, **kw), native, f"weight grad {dt}")
+    gt.assert_close(gpuconv.conv_bias_grad(gy), ref.conv_bias_grad(gy), native, f"bias grad {dt}",
+                    scale=np.abs(gy.astype(np.float64)).sum(axis=(0, 2, 3)).max())
+    wt = rng.standard_normal((4, 3, 3, 2)).astype(dt)  # (C_in, C_out, *k)
+    gt.assert_close(gpuconv.conv_transpose(gy, wt, stride=(2, 1), padding=1),
+                    ref.conv_input_grad(gy, wt, (2, 3, 7, 7), stride=(2, 1), padding=1),
+                    native, f"conv_transpose {dt}")
+    gt.assert_close(gpuconv.conv2d(x[0], w), ref.conv(x[:1], w)[0], native, f"conv2d {dt}")
+    for a, c in zip((x, w, b), copies):
+        assert a.dtype == np.dtype(dt)
+        np.testing.assert_array_equal(a, c)
+
+
+def test_mixed_byte_orders_are_named():
+    x = np.ones((1, 2, 5, 5), ">f8")
+    w = np.ones((3, 2, 3, 3), "<f8")
+    with pytest.raises(TypeError, match=r"byte order.*x is big-endian float64.*weight is "
+                                        r"little-endian float64"):
+        gpuconv.conv(x, w)
+    with pytest.raises(TypeError, match=r"x=big-endian float64 \('>f8'\), weight=float32"):
+        gpuconv.conv(x, w.astype(np.float32))
