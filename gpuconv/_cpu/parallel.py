@@ -104,6 +104,45 @@ def get_num_threads() -> int:
     return max(1, min(cores, blas))
 
 
+_local_setters = None
+
+
+def _blas_local_setters():
+    """OpenBLAS's ``openblas_set_num_threads_local`` (0.3.27+) of each BLAS library that
+    has it: the thread count of the calling thread alone ([] where there is none)."""
+    global _local_setters
+    if _local_setters is None:
+        import ctypes
+        fns = []
+        for lc in _blas_controllers():
+            lib = getattr(lc, "dynlib", None)
+            for name in ("openblas_set_num_threads_local", "scipy_openblas_set_num_threads_local",
+                         "scipy_openblas_set_num_threads_local64_"):
+                fn = getattr(lib, name, None) if lib is not None else None
+                if fn is not None:
+                    fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int]
+                    fns.append(fn)
+                    break
+        _local_setters = fns
+    return _local_setters
+
+
+class _ThreadSingleBlas:
+    """In the calling thread, BLAS runs one thread (OpenBLAS's thread-local setting), then
+    the thread's previous setting comes back.  Every thread that runs chunks of a
+    parallel region enters it: the global setting alone is ignored by OpenBLAS 0.3.31
+    when it comes from a thread other than the first that used BLAS, which made
+    results depend on the calling thread."""
+
+    def __enter__(self):
+        self.prev = [fn(1) for fn in _blas_local_setters()]
+        return self
+
+    def __exit__(self, *exc):
+        for fn, n in zip(_blas_local_setters(), self.prev):
+            fn(n)
+
+
 class _SingleThreadedBlas:
     """While any parallel region runs, BLAS runs one thread per caller (re-entrant)."""
 
@@ -119,6 +158,8 @@ class _SingleThreadedBlas:
                 for lc in libs:
                     lc.set_num_threads(1)
             _blas_state["depth"] += 1
+            if len(_blas_local_setters()) == len(libs):
+                return True  # every chunk thread sets its own count (_ThreadSingleBlas)
             return all(lc.num_threads == 1 for lc in libs)
 
     def __exit__(self, *exc):
@@ -162,6 +203,12 @@ def run_parallel(chunks, nworkers, arena_bytes, work, init=None, keep=False):
     parts = [chunks[i::nworkers] for i in range(nworkers)]
 
     def job(part):
+        if nworkers > 1:
+            with _ThreadSingleBlas():
+                return run(part)
+        return run(part)
+
+    def run(part):
         arena = workspace.acquire(arena_bytes)
         try:
             state = init(arena) if init is not None else None
