@@ -303,7 +303,12 @@ def cupy_like():
         yield _fake_cupy_array, "real cupy.ndarray"
         return
 
+    class _Device:  # mimics cupy.cuda.Device: the namespace check reads .device.id
+        id = 0
+
     class ndarray:  # noqa: N801 -- mimics cupy.ndarray
+        device = _Device()
+
         def __init__(self, shape, dtype):
             self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
 
