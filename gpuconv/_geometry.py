@@ -367,13 +367,13 @@ def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1,
     lo, hi = resolve_padding(op, padding, in_spatial, kernel, s, d,
                              allow_strings=allow_string_padding)
     _check_extents(op, padding, in_spatial, lo, hi, xn, x_shape)
-    # canonical stride / dilation where their size cannot matter (one output position,
-    # one tap): a valid stride=2**70 then never reaches int64 / int32 arithmetic
-    d = tuple(1 if k == 1 else dd for k, dd in zip(kernel, d))
+    # a stride longer than the padded input (one output position) or the dilation of a
+    # one-tap kernel cannot change the result: bounded by the padded size, so a valid
+    # stride=2**70 never reaches the kernels' 32-bit or NumPy's 64-bit arithmetic
+    padded = tuple(L + a + b for L, a, b in zip(in_spatial, lo, hi))
+    d = tuple(1 if k == 1 and dd > P else dd for k, dd, P in zip(kernel, d, padded))
+    s = tuple(min(st, P) for st, P in zip(s, padded))
     out = tuple(output_size(*a) for a in zip(in_spatial, kernel, s, d, lo, hi))
-    if min(out) >= 1:
-        s = tuple(min(st, L + a + b - effective_kernel(k, dd) + 1)
-                  for st, L, a, b, k, dd in zip(s, in_spatial, lo, hi, kernel, d))
     if min(out) < 1:
         i = int(np.argmin(out))
         eff = effective_kernel(kernel[i], d[i])
