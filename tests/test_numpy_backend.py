@@ -407,3 +407,77 @@ def test_calls_from_concurrent_user_threads_agree_bitwise():
             ref.conv_weight_grad(x, gy, w.shape, padding=1)]
     for a, b, what in zip(results[0], want, ("forward", "input grad", "weight grad")):
         assert_close(a, b, np.float32, what)
+
+
+# ----------------------------------------------------------------------------- large kernels
+# One output row with the whole reduction exceeds the limit here: the passes split the
+# reduction (channels x first- and second-dim taps); every temporary stays in the limit.
+_LARGE = [
+    ("31x31", (1, 4, 40, 40), (4, 4, 31, 31), dict(padding=15), 0.5),
+    ("15x15-s2", (1, 4, 32, 32), (4, 4, 15, 15), dict(padding=7, stride=2), 0.25),
+    ("7^3", (1, 4, 12, 12, 12), (4, 4, 7, 7, 7), dict(), 0.25),
+    ("7^3-pad", (1, 4, 10, 10, 10), (4, 4, 7, 7, 7), dict(padding=3), 0.25),
+    ("grouped", (1, 8, 32, 32), (8, 4, 15, 15), dict(padding=7, groups=2), 0.25),
+]
+
+
+@pytest.mark.parametrize("name,xs,ws,kw,limit_mb", _LARGE, ids=[c[0] for c in _LARGE])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_large_kernels_stay_within_the_workspace(name, xs, ws, kw, limit_mb, dtype, threads):
+    rng = np.random.default_rng(11)
+    x, w = _rand(rng, xs, dtype), _rand(rng, ws, dtype)
+    g = conv_geometry("t", xs, ws, dtype=np.dtype(dtype), **kw)
+    gy = _rand(rng, g.y_shape, dtype)
+    be = nb.NumpyBackend()
+    gpuconv.conv(x[:1, :1, :4], w[:1, :1, :1], backend="numpy")  # imports, outside the peak
+    nb.set_workspace_limit(limit_mb)
+    limit = nb.get_workspace_limit()
+    it = np.dtype(dtype).itemsize
+    slack = 64 * 1024 + math.prod(ws) * 4  # and one (cast) copy of the weight
+    for what, fn, want, out_elems in [
+        ("forward", lambda: be.forward(x, w, None, g), ref.conv(x, w, **kw), math.prod(g.y_shape)),
+        ("input grad", lambda: be.input_grad(gy, w, g), ref.conv_input_grad(gy, w, xs, **kw),
+         math.prod(g.x_shape)),
+        # the weight gradient is computed in float32 before its one rounding: count that
+        ("weight grad", lambda: be.weight_grad(x, gy, g), ref.conv_weight_grad(x, gy, ws, **kw),
+         math.prod(g.w_shape) * (1 + 4 // it)),
+    ]:
+        peak, out = _peak_extra(fn)
+        assert peak <= limit + out_elems * it + slack, (what, peak, limit, out_elems * it)
+        assert_close(out, want, np.dtype(dtype), f"{name} {what}")
+
+
+class _CountingMatmul:
+    """The dense passes' GEMM (``parallel.matmul``), counting multiply-adds."""
+
+    def __init__(self, matmul):
+        import threading
+        self._matmul, self.macs, self._lock = matmul, 0, threading.Lock()
+
+    def __call__(self, a, b, out):
+        n = math.prod(np.broadcast_shapes(a.shape[:-2], b.shape[:-2])) * \
+            a.shape[-2] * a.shape[-1] * b.shape[-1]
+        with self._lock:  # the workers count concurrently
+            self.macs += n
+        return self._matmul(a, b, out)
+
+
+@pytest.mark.parametrize("limit_mb", [1.0, 256.0])
+def test_large_kernel_input_grad_does_the_forward_work(monkeypatch, limit_mb, threads):
+    """The stride-1 input gradient of a 31x31 kernel used to recompute every output row
+    once per input row it touches (25x the forward's time); now it does the forward's
+    multiply-adds (the GEMMs are counted, deterministic, instead of timed)."""
+    rng = np.random.default_rng(12)
+    xs, ws = (2, 8, 48, 48), (8, 8, 31, 31)
+    x, w = _rand(rng, xs), _rand(rng, ws)
+    g = conv_geometry("t", xs, ws, padding=15, dtype=np.dtype(np.float32))
+    gy = _rand(rng, g.y_shape)
+    nb.set_workspace_limit(limit_mb)
+    be = nb.NumpyBackend()
+    counter = _CountingMatmul(dense.matmul)
+    monkeypatch.setattr(dense, "matmul", counter)
+    be.forward(x, w, None, g)
+    fwd, counter.macs = counter.macs, 0
+    be.input_grad(gy, w, g)
+    assert fwd == g.flops // 2
+    assert counter.macs <= 1.05 * fwd, (counter.macs, fwd)

@@ -10,9 +10,12 @@
 float16 / bfloat16 are computed in float32 and rounded once at the end;
 float32 in float32; float64 in float64 (the geometry's accumulate dtype).
 Inputs are never written to; every result is a fresh array.  The peak extra
-memory of a call is at most the workspace plus the output, as long as one output
-row of the first spatial dimension of one image fits; below that the backend
-still runs, with one-row chunks.
+memory of a call is at most the workspace plus the output (and one cast copy of
+the weight): where one output row of the first spatial dimension with the whole
+reduction does not fit, the dense passes split the reduction into blocks of input
+channels x first- and second-dim kernel taps (summed in a fixed order).  The
+stride-1 input gradient runs as the forward convolution of grad_out with the
+flipped weight (the forward's speed for large kernels).
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .._geometry import ConvGeometry
+from .._geometry import ConvGeometry, dgrad_as_forward, flip_weight
 from .parallel import matmul
 from .parallel import run_parallel as _run_parallel
 from .parallel import run_parallel_sum as _run_parallel_sum
@@ -149,12 +149,13 @@ def _slab(x, g, n0, n1, c0, c1, a, b, arena, cdt, needed):
     return buf
 
 
-def _im2col_view(src, g, rows):
-    """Window view (C, *kernel, nb, rows, *out_rest) of a slab src (nb, C, rin, *rest)."""
+def _im2col_view(src, g, rows, kernel=None):
+    """Window view (C, *kernel, nb, rows, *out_rest) of a slab src (nb, C, rin, *rest)
+    (``kernel``: a leading block of taps, default all of g.kernel)."""
     nb, C = src.shape[:2]
     sn, sc = src.strides[:2]
     sp = src.strides[2:]
-    shape = (C,) + g.kernel + (nb, rows) + g.out_spatial[1:]
+    shape = (C,) + (g.kernel if kernel is None else tuple(kernel)) + (nb, rows) + g.out_spatial[1:]
     strides = ((sc,) + tuple(s * d for s, d in zip(sp, g.dilation)) + (sn,)
                + tuple(s * st for s, st in zip(sp, g.stride)))
     return as_strided(src, shape=shape, strides=strides, writeable=False)
@@ -222,6 +223,92 @@ def _chunks(N, R, nb, r):
             for n0 in range(0, N, nb) for p0 in range(0, R, r)]
 
 
+def _largest(lo, hi, ok):
+    """Largest v in [lo, hi] with ok(v) (ok monotone decreasing), or None."""
+    if not ok(lo):
+        return None
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _block_plan(g, R, workers, budget, cost):
+    """When one output row with the whole reduction does not fit: (r, cb, rb, ub) -- rows
+    per chunk, input channels (per group), first-dim and second-dim kernel taps per
+    reduction block -- with cost(r, cb, rb, ub) <= budget when any block fits (else the
+    smallest)."""
+    k0 = g.kernel[0]
+    k1 = g.kernel[1] if g.nd > 1 else 1
+    cb, rb, ub = 1, 1, 1
+    c = _largest(1, g.Cg, lambda v: cost(1, v, k0, k1) <= budget)
+    if c is not None:
+        cb, rb, ub = c, k0, k1
+    else:
+        t = _largest(1, k0, lambda v: cost(1, 1, v, k1) <= budget)
+        if t is not None:
+            rb, ub = t, k1
+        else:
+            ub = _largest(1, k1, lambda v: cost(1, 1, 1, v) <= budget) or 1
+    r = _largest(1, R, lambda v: cost(v, cb, rb, ub) <= budget) or 1
+    return r, cb, rb, ub
+
+
+def _blocks(g, cb, rb, ub):
+    """Reduction blocks (group, c0, c1, t0, t1, u0, u1): input channels c0:c1 of the
+    group, first-dim kernel taps t0:t1 and second-dim taps u0:u1, in a fixed order."""
+    k1 = g.kernel[1] if g.nd > 1 else 1
+    return [(gi, c0, min(g.Cg, c0 + cb), t0, min(g.kernel[0], t0 + rb), u0, min(k1, u0 + ub))
+            for gi in range(g.groups) for c0 in range(0, g.Cg, cb)
+            for t0 in range(0, g.kernel[0], rb) for u0 in range(0, k1, ub)]
+
+
+def _block_kernel(g, blk):
+    """Kernel shape of a reduction block: (t1-t0, u1-u0, *kernel[2:])."""
+    _, _, _, t0, t1, u0, u1 = blk
+    return (t1 - t0,) + (((u1 - u0),) + g.kernel[2:] if g.nd > 1 else ())
+
+
+def _block_columns(x, g, n, p0, p1, blk, arena, cdt, slab):
+    """Column matrix (cb*|taps|, rows*Q) of image n, output rows p0:p1, reduction block blk."""
+    gi, c0, c1, t0, t1, u0, _ = blk
+    s0, d0 = g.stride[0], g.dilation[0]
+    a = p0 * s0 + t0 * d0
+    b = (p1 - 1) * s0 + (t1 - 1) * d0 + 1
+    src = _slab(x, g, n, n + 1, gi * g.Cg + c0, gi * g.Cg + c1, a, b, arena, cdt, slab)
+    if g.nd > 1 and u0:
+        src = src[:, :, :, u0 * g.dilation[1]:]
+    kb = _block_kernel(g, blk)
+    view = _im2col_view(src, g, p1 - p0, kb)
+    cols = arena.take(view.shape, cdt)
+    np.copyto(cols, view, casting="unsafe")
+    return cols.reshape((c1 - c0) * math.prod(kb), -1)
+
+
+def _block_weight(w, g, blk, arena, cdt):
+    """The weight block (Kg, cb*|taps|) of the block's group (a copy in the arena)."""
+    gi, c0, c1, t0, t1, u0, u1 = blk
+    src = w[gi * g.Kg:(gi + 1) * g.Kg, c0:c1, t0:t1]
+    if g.nd > 1:
+        src = src[:, :, :, u0:u1]
+    buf = arena.take(src.shape, cdt)
+    np.copyto(buf, src, casting="unsafe")
+    return buf.reshape(g.Kg, -1)
+
+
+def _blocked_sizes(g, it, slab, r, cb, rb, ub):
+    """Arena bytes of one reduction block of r output rows: slab, columns, weight block."""
+    s0, d0 = g.stride[0], g.dilation[0]
+    rest_p = math.prod(g.padded_spatial()[1:])
+    Qr = math.prod(g.out_spatial[1:])
+    taps = rb * ub * math.prod(g.kernel[2:])
+    rin = (r - 1) * s0 + (rb - 1) * d0 + 1
+    return [cb * rin * rest_p * it if slab else 0, cb * taps * r * Qr * it, g.Kg * cb * taps * it]
+
+
 def _direct_ok(g, x, cdt):
     """1x1, stride 1, unpadded, and x's images usable as (C, L) BLAS matrices."""
     if g.taps != 1 or any(s != 1 for s in g.stride) or _needs_slab(g, x, cdt):
@@ -235,7 +322,6 @@ def forward(p, x, w, b, y):
     N, P0 = g.N, g.out_spatial[0]
     Qr = math.prod(g.out_spatial[1:])
     rest_p = math.prod(g.padded_spatial()[1:])
-    wm = np.ascontiguousarray(w.reshape(G, Kg, Cg * T), dtype=cdt)
     slab = _needs_slab(g, x, cdt)
     direct = _direct_ok(g, x, cdt)
     cast_out = y.dtype != cdt
@@ -252,6 +338,9 @@ def forward(p, x, w, b, y):
         return s
 
     budget = _budget(workers)
+    if _arena_bytes(sizes(1, 1)) > budget:  # one output row does not fit: split the reduction
+        return _forward_blocked(p, x, w, b, y, budget)
+    wm = np.ascontiguousarray(w.reshape(G, Kg, Cg * T), dtype=cdt)
     nb, r = _plan(N, P0, workers, budget, lambda nb, r: _arena_bytes(sizes(nb, r)), Qr)
     chunks = _chunks(N, P0, nb, r)
     arena_bytes = _arena_bytes(sizes(nb, r))
@@ -281,7 +370,174 @@ def forward(p, x, w, b, y):
     _run_parallel(chunks, workers, arena_bytes, work)
 
 
+def _split_rows(N, R, r, workers):
+    """Rows per chunk: r, or fewer so that N images give at least `workers` chunks."""
+    if N * -(-R // r) < workers and R > 1:
+        r = min(r, max(1, -(-R // -(-workers // N))))
+    return r
+
+
+def _forward_blocked(p, x, w, b, y, budget):
+    """Forward when one output row with the whole reduction exceeds the budget: each chunk
+    (one image, r output rows) sums the GEMMs of reduction blocks (input channels x
+    first-dim taps) in a fixed order into the output rows."""
+    g, cdt, it, workers = p.g, p.cdt, p.itemsize, p.workers
+    Kg, P0 = g.Kg, g.out_spatial[0]
+    Qr = math.prod(g.out_spatial[1:])
+    slab = _needs_slab(g, x, cdt)
+    cast_out = y.dtype != cdt
+
+    def cost(r, cb, rb, ub):
+        s = _blocked_sizes(g, it, slab, r, cb, rb, ub)
+        s += [Kg * r * Qr * it, Kg * r * Qr * it if cast_out else 0]  # GEMM result, staging
+        return _arena_bytes(s)
+
+    r, cb, rb, ub = _block_plan(g, P0, workers, budget, cost)
+    r = _split_rows(g.N, P0, r, workers)
+    blocks = _blocks(g, cb, rb, ub)
+    chunks = _chunks(g.N, P0, 1, r)
+    bias = None if b is None else b.reshape(g.groups, Kg, 1)
+
+    def work(arena, _state, c):
+        n, _, p0, p1 = c
+        L = (p1 - p0) * Qr
+        for gi in range(g.groups):
+            arena.reset()
+            dst = _view(y[n, gi * Kg:(gi + 1) * Kg, p0:p1], (Kg, L))
+            acc = arena.take((Kg, L), cdt) if cast_out else dst
+            tmp = arena.take((Kg, L), cdt)
+            base = arena.off
+            first = True
+            for blk in blocks:
+                if blk[0] != gi:
+                    continue
+                arena.off = base
+                colsm = _block_columns(x, g, n, p0, p1, blk, arena, cdt, slab)
+                wb = _block_weight(w, g, blk, arena, cdt)
+                if first:
+                    matmul(wb, colsm, acc)
+                    first = False
+                else:
+                    matmul(wb, colsm, tmp)
+                    np.add(acc, tmp, out=acc)
+            if bias is not None:
+                np.add(acc, bias[gi], out=acc)
+            if cast_out:
+                np.copyto(dst, acc, casting="unsafe")
+
+    _run_parallel(chunks, workers, cost(r, cb, rb, ub), work)
+
+
 def input_grad(p, gy, w, gx):
+    g = p.g
+    ga = dgrad_as_forward(g) if g.taps > 1 else None
+    if ga is not None and np.isfinite(w).all():
+        # stride 1: the forward convolution of grad_out with the flipped weight -- the
+        # forward's speed and memory bound (the col2im below recomputes each output
+        # row once per input-row chunk it touches: slow for large kernels).  Not with a
+        # non-finite weight: its products with grad_out's zero padding would be NaN
+        # where the reference (no such products) is finite.
+        return forward(Pass(g=ga, cdt=p.cdt, itemsize=p.itemsize, workers=p.workers),
+                       gy, flip_weight(w, g), None, gx)
+    return _input_grad_col2im(p, gy, w, gx)
+
+
+def _gy_rows(gy, g, n, gi, p0, p1, arena, cdt):
+    """grad_out rows p0:p1 of image n, group gi, as a (Kg, rows*Q) BLAS matrix (a view
+    where possible, else a cast copy in the arena)."""
+    Kg = g.Kg
+    L = (p1 - p0) * math.prod(g.out_spatial[1:])
+    src = gy[n, gi * Kg:(gi + 1) * Kg, p0:p1]
+    if gy.dtype == cdt:
+        m = _matrix_view(src, (Kg, L))
+        if m is not None and _blasable(m):
+            return m
+    buf = arena.take(src.shape, cdt)
+    np.copyto(buf, src, casting="unsafe")
+    return buf.reshape(Kg, L)
+
+
+def _input_grad_blocked(p, gy, w, gx, budget):
+    """Input gradient by col2im when one input row with the whole reduction exceeds the
+    budget: per chunk (one image, h input rows) and group, the GEMM of each block of
+    input channels x first-dim taps is scattered into those channels' rows."""
+    g, cdt, it, workers = p.g, p.cdt, p.itemsize, p.workers
+    Kg, Cg, H, P0 = g.Kg, g.Cg, g.in_spatial[0], g.out_spatial[0]
+    Qr = math.prod(g.out_spatial[1:])
+    Lr = math.prod(g.in_spatial[1:])
+    Tr = math.prod(g.kernel[1:])
+    s0, d0, lo0 = g.stride[0], g.dilation[0], g.pad_lo[0]
+    eff0 = g.effective_kernel[0]
+    cast = gx.dtype != cdt
+
+    def out_rows(h):
+        return min(P0, -(-h // s0) + -(-eff0 // s0))
+
+    def cost(h, cb, rb, ub):
+        rows = out_rows(h)
+        taps = rb * ub * math.prod(g.kernel[2:])
+        return _arena_bytes([Kg * rows * Qr * it, cb * taps * rows * Qr * it,
+                             Kg * cb * taps * it, cb * h * Lr * it if cast else 0])
+
+    hr, cb, rb, ub = _block_plan(g, H, workers, budget, cost)
+    hr = _split_rows(g.N, H, hr, workers)
+    chunks = _chunks(g.N, H, 1, hr)
+    blocks = _blocks(g, cb, rb, ub)
+    rest_taps = list(itertools.product(*[range(k) for k in g.kernel[1:]]))
+    rest_ranges = [[_tap_range(0, g.out_spatial[d], 0, g.in_spatial[d], t[d - 1], g.stride[d],
+                               g.dilation[d], g.pad_lo[d]) for d in range(1, g.nd)]
+                   for t in rest_taps]
+
+    def work(arena, _state, c):
+        n, _, h0, h1 = c
+        p0, p1 = _out_rows_for(h0, h1, g)
+        target = gx[n, :, h0:h1]
+        if p1 <= p0:
+            target[...] = 0
+            return
+        rows = p1 - p0
+        for gi in range(g.groups):
+            arena.reset()
+            gym = _gy_rows(gy, g, n, gi, p0, p1, arena, cdt)
+            after_gy = arena.off
+            for c0 in range(0, Cg, cb):
+                c1 = min(Cg, c0 + cb)
+                arena.off = after_gy
+                ch = slice(gi * Cg + c0, gi * Cg + c1)
+                acc = arena.take((c1 - c0, h1 - h0) + g.in_spatial[1:], cdt) if cast else target[ch]
+                acc[...] = 0
+                base = arena.off
+                for blk in blocks:
+                    if blk[:3] != (gi, c0, c1):
+                        continue
+                    _, _, _, t0, t1, u0, u1 = blk
+                    arena.off = base
+                    wb = _block_weight(w, g, blk, arena, cdt)
+                    gc = arena.take((wb.shape[1], gym.shape[1]), cdt)
+                    matmul(wb.T, gym, gc)
+                    kb = _block_kernel(g, blk)
+                    gc = gc.reshape((c1 - c0,) + kb + (rows,) + g.out_spatial[1:])
+                    for t in range(t0, t1):
+                        a0, b0, i0 = _tap_range(p0, p1, h0, h1, t, s0, d0, lo0)
+                        if a0 >= b0:
+                            continue
+                        for tap, rr in zip(rest_taps, rest_ranges):
+                            if (g.nd > 1 and not u0 <= tap[0] < u1) or any(a >= b for a, b, _ in rr):
+                                continue
+                            btap = (tap[0] - u0,) + tap[1:] if g.nd > 1 else ()
+                            isl = (slice(i0 - h0, i0 - h0 + (b0 - a0 - 1) * s0 + 1, s0),) + tuple(
+                                slice(i, i + (b - a - 1) * st + 1, st)
+                                for (a, b, i), st in zip(rr, g.stride[1:]))
+                            osl = (slice(a0 - p0, b0 - p0),) + tuple(slice(a, b) for a, b, _ in rr)
+                            av = acc[(slice(None),) + isl]
+                            np.add(av, gc[(slice(None), t - t0) + btap + osl], out=av)
+                if cast:
+                    np.copyto(target[ch], acc, casting="unsafe")
+
+    _run_parallel(chunks, workers, cost(hr, cb, rb, ub), work)
+
+
+def _input_grad_col2im(p, gy, w, gx):
     g, cdt, it, workers = p.g, p.cdt, p.itemsize, p.workers
     G, Cg, Kg, C, K, T = g.groups, g.Cg, g.Kg, g.C, g.K, g.taps
     N, H = g.N, g.in_spatial[0]
@@ -310,6 +566,8 @@ def input_grad(p, gy, w, gx):
 
     gy_is_blas_friendly = gy_direct and _whole_image_blasable(gy, G, Kg)
     budget = _budget(workers)
+    if _arena_bytes(sizes(1, 1)) > budget:  # one input row does not fit: split the reduction
+        return _input_grad_blocked(p, gy, w, gx, budget)
     nb, hr = _plan(N, H, workers, budget, lambda nb, h: _arena_bytes(sizes(nb, h)), Lr)
     chunks = _chunks(N, H, nb, hr)
     arena_bytes = _arena_bytes(sizes(nb, hr))
@@ -405,6 +663,10 @@ def weight_grad(p, x, gy):
             s.append(K * nb * r * Qr * it)
         return s
 
+    if _arena_bytes(sizes(1, 1)) > _budget(workers):
+        # one output row with the whole reduction (or the per-thread partial sums) does
+        # not fit: split the reduction into blocks, each worker owning whole blocks
+        return _weight_grad_blocked(p, x, gy)
     total_cols = N * P0 * Qr
     if total_cols <= _WGRAD_ONE_GEMM_COLS and (
             _arena_bytes(sizes(N, P0, False)) <= _budget(1)):
@@ -458,3 +720,51 @@ def weight_grad(p, x, gy):
 
     gw = _run_parallel_sum(chunks, workers, arena_bytes, work, init)
     return np.ascontiguousarray(gw.swapaxes(1, 2)) if trans else gw
+
+
+def _weight_grad_blocked(p, x, gy):
+    """Weight gradient by reduction blocks (input channels x first-dim taps of a group):
+    the blocks are disjoint parts of the gradient, spread over the workers; each sums
+    its GEMMs over the images and row chunks in a fixed order."""
+    g, cdt, it, workers = p.g, p.cdt, p.itemsize, p.workers
+    Kg, P0 = g.Kg, g.out_spatial[0]
+    Qr = math.prod(g.out_spatial[1:])
+    Tr = math.prod(g.kernel[1:])
+    slab = _needs_slab(g, x, cdt)
+    budget = _budget(workers)
+
+    def cost(r, cb, rb, ub):
+        s = _blocked_sizes(g, it, slab, r, cb, rb, ub)
+        taps = rb * ub * math.prod(g.kernel[2:])
+        s += [Kg * r * Qr * it, 2 * Kg * cb * taps * it]  # gy staging, sum and GEMM result
+        return _arena_bytes(s)
+
+    r, cb, rb, ub = _block_plan(g, P0, workers, budget, cost)
+    blocks = _blocks(g, cb, rb, ub)
+    rows = _chunks(g.N, P0, 1, r)
+    gw = np.empty((g.K, g.Cg) + g.kernel, dtype=cdt)
+
+    def work(arena, _state, blk):
+        gi, c0, c1, t0, t1, u0, u1 = blk
+        arena.reset()
+        kb = _block_kernel(g, blk)
+        nred = (c1 - c0) * math.prod(kb)
+        acc = arena.take((Kg, nred), cdt)
+        tmp = arena.take((Kg, nred), cdt)
+        base = arena.off
+        for i, (n, _, p0, p1) in enumerate(rows):
+            arena.off = base
+            colsm = _block_columns(x, g, n, p0, p1, blk, arena, cdt, slab)
+            gym = _gy_rows(gy, g, n, gi, p0, p1, arena, cdt)
+            if i == 0:
+                matmul(gym, colsm.T, acc)
+            else:
+                matmul(gym, colsm.T, tmp)
+                np.add(acc, tmp, out=acc)
+        dst = gw[gi * Kg:(gi + 1) * Kg, c0:c1, t0:t1]
+        if g.nd > 1:
+            dst = dst[:, :, :, u0:u1]
+        dst[...] = acc.reshape((Kg, c1 - c0) + kb)
+
+    _run_parallel(blocks, workers, cost(r, cb, rb, ub), work)
+    return gw
