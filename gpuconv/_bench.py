@@ -105,6 +105,28 @@ def _median_time(fn, repeats, warmup, sync=None, timer="wall"):
     return statistics.median(ts)
 
 
+def _interleaved_times(fa, fb, repeats, warmup, sync=None):
+    """Median seconds of fa and of fb timed in alternating rounds (the method of
+    DESIGN.md, "Performance habits"): per round one discarded call after each switch
+    (PyTorch's OpenMP threads keep spinning after a call, caches change hands), then
+    one timed call; no sleeps.  Load that comes and goes hits both alike."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, ts in ((fa, ta), (fb, tb)):
+            fn()  # discarded: the first call after a switch
+            if sync is not None:
+                sync()
+            t0 = time.perf_counter()
+            fn()
+            if sync is not None:
+                sync()
+            ts.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
 def _peak_bytes(fn, before=None):
     """Peak bytes allocated through tracemalloc-visible allocators during fn()."""
     if before is not None:
@@ -204,7 +226,11 @@ def bench_layer(layer, *, backend="numpy", dtype="float32", batch=8, passes=PASS
     pfns = _torch_fns(layer, g, dtype, rng, threads, device) if use_peer else {}
     rows = []
     for p in passes:
-        t = _median_time(fns[p], repeats, warmup, sync, timer)
+        if pfns and timer == "wall":
+            t, tp = _interleaved_times(fns[p], pfns[p], repeats, warmup, sync)
+        else:
+            t = _median_time(fns[p], repeats, warmup, sync, timer)
+            tp = _median_time(pfns[p], repeats, warmup, sync, timer) if pfns else None
         row = {
             "layer": layer["name"], "model": layer["model"], "group": layer["group"], "pass": p,
             "backend": backend, "dtype": np.dtype(dtype).name, "batch": batch,
@@ -216,7 +242,6 @@ def bench_layer(layer, *, backend="numpy", dtype="float32", batch=8, passes=PASS
             "peer": None, "peer_time_ms": None, "ratio": None, "peak_mb": None, "out_mb": None,
         }
         if pfns:
-            tp = _median_time(pfns[p], repeats, warmup, sync, timer)
             row.update(peer="torch", peer_time_ms=tp * 1e3, ratio=tp / t)
         if memory and backend == "numpy":
             from ._cpu import clear_workspace_cache
@@ -338,9 +363,16 @@ def format_table(rows):
 
 
 def format_summary(summary, targets=None):
-    """Markdown table of the geometric means, with targets when given
-    (``{("dense", "forward"): 0.6, ("depthwise", "all"): 0.25, ...}``)."""
-    targets = targets or {}
+    """Markdown table of the geometric means.  With targets
+    (``{("dense", "forward"): 0.6, ("depthwise", "all"): 0.25, ...}``, as
+    benchmarks/run_cpu.py passes them) two more columns: the target ratio and
+    whether the measured geomean meets it; without, no such columns."""
+    if not targets:
+        lines = ["| group | pass | geomean ratio (peer time / gpuconv time) |", "|---|---|---|"]
+        for grp, d in summary.items():
+            for p, v in d.items():
+                lines.append(f"| {grp} | {p} | {v:.2f} |")
+        return "\n".join(lines)
     lines = ["| group | pass | geomean ratio (peer time / gpuconv time) | target | met |",
              "|---|---|---|---|---|"]
     for grp, d in summary.items():
@@ -350,6 +382,18 @@ def format_summary(summary, targets=None):
             lines.append(f"| {grp} | {p} | {v:.2f} | {'-' if t is None else f'{t:.2f}'} | "
                          f"{met} |")
     return "\n".join(lines)
+
+
+def load_text(busy_before, busy_after):
+    """One line on the other processes' load around a run (None where unknown)."""
+    def pct(v):
+        return "?" if v is None else f"{100 * v:.0f} %"
+    try:
+        la = " / ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        la = "?"
+    return (f"other-process load: {pct(busy_before)} of the CPUs busy before the run, "
+            f"{pct(busy_after)} after (measured while idle); load average 1/5/15 min {la}")
 
 
 def environment_info():

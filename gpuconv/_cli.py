@@ -415,13 +415,22 @@ def _cmd_bench(args):
     if args.batch is not None:
         kw["batch"] = args.batch
     layers = args.layers or None
+    busy_before = _bench.cpu_busy()
     t0 = time.perf_counter()
     rows = _bench.run(layers, **kw)
     elapsed = time.perf_counter() - t0
+    busy_after = _bench.cpu_busy()
     print(f"gpuconv {gpuconv.__version__} bench on {backend}"
           + (" (quick)" if args.quick else "") + f": {len(rows)} rows in {elapsed:.1f} s")
+    print(_bench.load_text(busy_before, busy_after))
     print("ratio = peer time / gpuconv time (> 1: gpuconv is faster); GFLOP/s counts a "
-          "multiply-add as 2; GB/s from the minimum bytes moved")
+          "multiply-add as 2; GB/s from the minimum bytes moved; gpuconv and the peer are "
+          "timed in alternating rounds (one discarded call after each switch, median)")
+    if not args.no_peers and rows and all(r["peer"] is None for r in rows):
+        print("peer columns are '-': PyTorch is not installed here"
+              + (" or sees no CUDA device" if backend == "cupy" else "")
+              + " -- pip install torch to compare (the CPU wheel: "
+              "pip install torch --index-url https://download.pytorch.org/whl/cpu)")
     print()
     print(_bench.format_table(rows))
     summary = _bench.summarize(rows)

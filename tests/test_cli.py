@@ -226,3 +226,31 @@ def test_cli_docstring_examples():
     from gpuconv import _cli
     res = doctest.testmod(_cli)
     assert res.attempted > 0 and res.failed == 0
+
+
+def test_bench_prints_load_no_empty_target_columns_and_a_peer_hint(bench_module, monkeypatch,
+                                                                    capsys):
+    monkeypatch.setattr(bench_module, "_torch_available", lambda device="cpu": False)
+    rc = main(["bench", "--backend", "numpy", "--layers", "r50.res5.1x1", "--batch", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "other-process load:" in out and "CPUs busy before the run" in out
+    assert "| target |" not in out and "| met |" not in out   # never shown without targets
+    assert "PyTorch is not installed" in out and "pip install torch" in out
+    assert "alternating rounds" in out
+
+
+def test_bench_summary_targets_only_when_given(bench_module):
+    summary = {"dense": {"forward": 1.2}}
+    assert "target" not in bench_module.format_summary(summary)
+    with_t = bench_module.format_summary(summary, {("dense", "forward"): 1.0})
+    assert "| target | met |" in with_t and "| 1.00 | yes |" in with_t
+
+
+def test_bench_interleaves_gpuconv_and_the_peer(bench_module):
+    calls = []
+    ta, tb = bench_module._interleaved_times(lambda: calls.append("a"),
+                                             lambda: calls.append("b"), repeats=3, warmup=1)
+    # warm-up a b, then per round: a (discarded) a (timed), b (discarded) b (timed)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert ta >= 0 and tb >= 0
