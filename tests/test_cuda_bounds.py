@@ -105,3 +105,26 @@ def test_float_to_half_rounding_at_every_branch(sim_backend, monkeypatch, algo):
     g = conv_geometry("t", xs.shape, w.shape, dtype=np.dtype(np.float16))
     y = sim_backend.forward(xs, w, None, g).reshape(-1)
     assert np.isnan(y[0]) and y[1] == 1 and np.isnan(y[2])
+
+
+@pytest.mark.parametrize("algo", ["direct", "tiled"])
+def test_float_to_bfloat16_rounding_inf_and_nan(sim_backend, monkeypatch, algo):
+    """bfloat16 results: round to nearest even at ties and near-ties, inf stays inf
+    (not NaN), NaN stays NaN -- bit for bit as ml_dtypes rounds the exact product."""
+    ml = pytest.importorskip("ml_dtypes")
+    bf = np.dtype(ml.bfloat16)
+    monkeypatch.setenv("GPUCONV_CUDA_ALGO", algo)
+    wv = 1 + 2.0**-7   # a bfloat16; x * w with 8-bit x is exact in float32
+    xv = np.array([1 + a * 2.0**-7 for a in range(16)] + [np.inf, -np.inf, 2.0**100, -3.0])
+    xs = xv.astype(bf).reshape(1, 1, -1)
+    assert np.array_equal(xs.astype(np.float64).reshape(-1), xv)
+    w = np.full((1, 1, 1), wv, bf)
+    g = conv_geometry("t", xs.shape, w.shape, dtype=bf)
+    y = sim_backend.forward(xs, w, None, g).reshape(-1)
+    want = (xv * wv).astype(np.float32).astype(bf)
+    bad = y.view(np.uint16) != want.view(np.uint16)
+    assert not bad.any(), [(float(p), float(a), float(b))
+                           for p, a, b in zip(xv[bad] * wv, y[bad], want[bad])]
+    xs = np.array([np.nan, 1.0], bf).reshape(1, 1, -1)
+    y = sim_backend.forward(xs, w, None, conv_geometry("t", xs.shape, w.shape, dtype=bf))
+    assert np.isnan(y.astype(np.float32)[0, 0, 0]) and np.isfinite(y.astype(np.float32)[0, 0, 1])
