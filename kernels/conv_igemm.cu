@@ -2,6 +2,10 @@
 //   gpuconv_igemm_fp_<t>_<cfg>_<i>     forward, and each stride phase of the input grad
 //   gpuconv_igemm_wg_<t>_<cfg>_<i>     weight grad, split-K pass 1 (partial sums)
 //   gpuconv_igemm_reduce_<t>           fixed-order split-K sum (+ bias, one rounding)
+//   gpuconv_igemm_fptc_<t>_<cfg>_<i>   forward, tensor-op policy (t = f16, bf16): ldmatrix +
+//                                      mma.sync m16n8k16, float32 accumulators, 3-stage
+//                                      cp.async weight pipeline; <cfg>: l = 128x128x16,
+//                                      256 threads; s = 64x64x16, 128 threads
 // <cfg>: l = 128x128x8 tile, 256 threads; s = 64x64x8 (float64: 64x64x4), 64 threads.
 // 8x8 outputs per thread.  Half types run the float32 SIMT policy here (loads widened
 // to float32) until the tensor-op policy exists.
@@ -45,3 +49,18 @@
   }
 
 GC_FOR_EACH_DTYPE(GC_IG_ENTRIES)
+
+// tensor-op policy: float16 / bfloat16 forward
+#define GC_TC_ENTRY_I(SUF, T, ISUF, I)                                                       \
+  extern "C" __global__ void __launch_bounds__(256, 1)                                       \
+      gpuconv_igemm_fptc_##SUF##_l_##ISUF(GC_IG_FP_PARAMS(T)) {                              \
+    const gc_fp p = GC_FP_MAKE;                                                              \
+    gc_igemm_fp_tc<T, I, gc_tc_l>(src, wt, bias, out, partial, p, has_bias, split);          \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(128, 1)                                       \
+      gpuconv_igemm_fptc_##SUF##_s_##ISUF(GC_IG_FP_PARAMS(T)) {                              \
+    const gc_fp p = GC_FP_MAKE;                                                              \
+    gc_igemm_fp_tc<T, I, gc_tc_s>(src, wt, bias, out, partial, p, has_bias, split);          \
+  }
+GC_FOR_EACH_INDEX(GC_TC_ENTRY_I, f16, gc_half)
+GC_FOR_EACH_INDEX(GC_TC_ENTRY_I, bf16, gc_bf16)

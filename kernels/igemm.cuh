@@ -564,6 +564,286 @@ __device__ __forceinline__ void gc_igemm_wg(const T* __restrict__ x, const T* __
   }
 }
 
+// ---- tensor-op warp-MMA policy: float16 / bfloat16 forward ------------------------------
+// Same GEMM view and tap table as gc_igemm_fp (forward only: the weight is read as
+// wt[grp*wg + n*wn + k], which holds for the forward's parameters), but the reduction is
+// CHANNEL-major, k = c*T + t, so that a weight row (one output channel) is contiguous
+// along k and can be copied with cp.async.  Per BK = 16 step:
+//   * B (weight) tile [BN][LDB] (k fast, LDB = BK + 8 halves: 48-byte rows, the 8 rows an
+//     ldmatrix phase reads start in 8 different 4-bank groups: no conflicts), filled by
+//     cp.async of 16, 8 or 4 bytes (the widest the alignment of Cg*T allows; zero-fill
+//     past the reduction end and for columns past Ng) or, when Cg*T is odd, by plain
+//     element loads and shared stores;
+//   * A (gathered input) tile [BK][LDA] (m fast, LDA = BM + 8: 16-byte rows of 8
+//     positions, row stride 272 / 144 bytes, conflict-free ldmatrix phases): NCHW gives
+//     no contiguous, aligned run along the reduction (c, tap) and only stride-1 runs
+//     along m, so the gather is element-granular: plain 16-bit loads into registers,
+//     issued one step ahead of use, stored to shared after the step's MMAs (no cp.async:
+//     a 4-byte copy would need 2 aligned, in-bounds neighbours, which padding and
+//     stride break); zero for padding / out-of-range;
+//   * NS = 3 shared stages, one barrier per step: B copies run two steps ahead
+//     (cp.async.wait_group 1), A one step ahead in registers;
+//   * fragments: A by ldmatrix.x4.trans of the k-major tile, B by ldmatrix.x4 of the
+//     n-major tile; mma.sync m16n8k16, float32 accumulators;
+//   * epilogue: bias added in float32, one rounding (or raw float32 partials under
+//     split-K, summed by gc_igemm_reduce).
+template <int BM_, int BN_, int WM_, int WN_>
+struct gc_tc_cfg {
+  enum {
+    BM = BM_, BN = BN_, BK = 16, NS = 3, WM = WM_, WN = WN_, NT = 32 * WM * WN,
+    WTM = BM / WM, WTN = BN / WN,  // warp tile
+    MI = WTM / 16, NJ = WTN / 8,   // mma tiles per warp
+    LDA = BM + 8, LDB = BK + 8,    // shared row strides (halves)
+    A_ST = BK * LDA, B_ST = BN * LDB,  // stage sizes (halves)
+    AE = BM * BK / NT, ARS = NT / BM   // A loader: elements a thread, k rows apart
+  };
+  static_assert(MI >= 1 && NJ % 2 == 0, "warp tile: m16 x (2 n8) multiples");
+  static_assert(NT % BM == 0 && AE * ARS == BK, "A loader mapping");
+  static_assert((LDA * 2) % 16 == 0 && (LDB * 2) % 16 == 0, "16-byte ldmatrix rows");
+};
+typedef gc_tc_cfg<128, 128, 2, 4> gc_tc_l;  // 256 threads, warp tile 64 x 32
+typedef gc_tc_cfg<64, 64, 2, 2> gc_tc_s;    // 128 threads, warp tile 32 x 32
+
+template <typename T> struct gc_tc_mma;
+template <> struct gc_tc_mma<gc_half> {
+  static __device__ __forceinline__ void run(float d[4], const unsigned a[4], const unsigned b[2]) {
+    gc_mma_m16n8k16_f16(d, a, b, d);
+  }
+};
+template <> struct gc_tc_mma<gc_bf16> {
+  static __device__ __forceinline__ void run(float d[4], const unsigned a[4], const unsigned b[2]) {
+    gc_mma_m16n8k16_bf16(d, a, b, d);
+  }
+};
+
+// A operand of the tensor-op forward: thread owns GEMM row am (m-fast) and reduction rows
+// ak + ARS*i of each step, as (c, t) digits stepped by BK with one carry (no division).
+template <typename I, class CFG>
+struct gc_tc_a_iter {
+  enum { E = CFG::AE, RS = CFG::ARS };
+  const unsigned short* __restrict__ src;
+  I base, sp;
+  int z0, y0, x0, am, ak, T_, Cg, st, sc;
+  bool mvalid;
+  int c[E], t[E];
+
+  __device__ __forceinline__ void init(const unsigned short* __restrict__ s, const gc_fp& p,
+                                       int grp, I m0, I M, int k_begin, int tid) {
+    src = s;
+    am = tid % CFG::BM;
+    ak = tid / CFG::BM;
+    T_ = p.TD * p.TH * p.TW;
+    Cg = p.Cg;
+    st = CFG::BK % T_;
+    sc = CFG::BK / T_;
+    sp = (I)p.SD * p.SH * p.SW;
+    const I m = m0 + am;
+    mvalid = m < M;
+    z0 = y0 = x0 = 0;
+    base = 0;
+    if (mvalid) {
+      I r = m;
+      const int mw = (int)(r % p.MW); r /= p.MW;
+      const int mh = (int)(r % p.MH); r /= p.MH;
+      const int md = (int)(r % p.MD);
+      const I img = r / p.MD;
+      z0 = md * p.msd + p.mbd;
+      y0 = mh * p.msh + p.mbh;
+      x0 = mw * p.msw + p.mbw;
+      base = (img * p.Csrc + (I)grp * p.Cg) * sp + ((I)z0 * p.SH + y0) * p.SW + x0;
+    }
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const int k = k_begin + ak + RS * i;
+      c[i] = k / T_;
+      t[i] = k - c[i] * T_;
+    }
+  }
+
+  // the 16-bit patterns of this step's rows (0 outside the source / problem), then step
+  __device__ __forceinline__ void load(unsigned short (&r)[E], const int* tab, const gc_fp& p,
+                                       int k0, int k_end) {
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      unsigned short v = 0;
+      if (mvalid && c[i] < Cg && k0 + ak + RS * i < k_end) {
+        const int* e = tab + GC_TAP_INTS * t[i];
+        const int z = z0 + e[0], y = y0 + e[1], x = x0 + e[2];
+        if ((unsigned)z < (unsigned)p.SD && (unsigned)y < (unsigned)p.SH &&
+            (unsigned)x < (unsigned)p.SW)
+          v = src[base + (I)c[i] * sp + e[3]];
+      }
+      r[i] = v;
+      t[i] += st;
+      c[i] += sc;
+      if (t[i] >= T_) { t[i] -= T_; ++c[i]; }
+    }
+  }
+
+  __device__ __forceinline__ void store(unsigned short* __restrict__ As,
+                                        const unsigned short (&r)[E]) const {
+#pragma unroll
+    for (int i = 0; i < E; ++i) As[(ak + RS * i) * CFG::LDA + am] = r[i];
+  }
+};
+
+// B operand (the weight rows, contiguous along k): one stage's copies.  lv = log2 of the
+// elements per copy (3: 16 bytes, 2: 8, 1: 4; 0: plain loads, Cg*T odd).
+template <typename I, class CFG>
+__device__ __forceinline__ void gc_tc_load_b(unsigned short* __restrict__ Bs,
+                                             const unsigned short* __restrict__ wt, I wbase,
+                                             I wn, int nlim, int k0, int k_end, int lv,
+                                             int tid) {
+  const int per_row_shift = 4 - lv;  // copies per row = BK >> lv
+  const int copies = CFG::BN << per_row_shift;
+  for (int e = tid; e < copies; e += CFG::NT) {
+    const int n = e >> per_row_shift;
+    const int kk = (e & ((1 << per_row_shift) - 1)) << lv;
+    unsigned short* d = Bs + n * CFG::LDB + kk;
+    const int k = k0 + kk;
+    const bool nv = n < nlim;
+    const int left = nv ? gc_min(k_end - k, 1 << lv) : 0;  // elements to read
+    const unsigned short* s = wt + (left > 0 ? wbase + (I)n * wn + k : (I)0);
+    const int bytes = left > 0 ? 2 * left : 0;
+    if (lv == 3) gc_cp_async_16(d, s, bytes);
+    else if (lv == 2) gc_cp_async_8(d, s, bytes);
+    else if (lv == 1) gc_cp_async_4(d, s, bytes);
+    else *d = left > 0 ? *s : (unsigned short)0;
+  }
+}
+
+template <typename T, typename I, class CFG>
+__device__ __forceinline__ void gc_igemm_fp_tc(const T* __restrict__ src_, const T* __restrict__ wt_,
+                                               const T* __restrict__ bias, T* __restrict__ out,
+                                               float* __restrict__ partial, const gc_fp p,
+                                               int has_bias, int split) {
+  extern __shared__ __align__(16) unsigned char gc_smem[];
+  unsigned short* As = reinterpret_cast<unsigned short*>(gc_smem);  // [NS][BK][LDA]
+  unsigned short* Bs = As + CFG::NS * CFG::A_ST;                     // [NS][BN][LDB]
+  int* tab = reinterpret_cast<int*>(Bs + CFG::NS * CFG::B_ST);       // [T][GC_TAP_INTS]
+  const unsigned short* src = reinterpret_cast<const unsigned short*>(src_);
+  const unsigned short* wt = reinterpret_cast<const unsigned short*>(wt_);
+  const int T_ = p.TD * p.TH * p.TW;
+  const int Kred = p.Cg * T_;
+  const I M = (I)p.Nimg * p.MD * p.MH * p.MW;
+  const int ntiles = (p.Ng + CFG::BN - 1) / CFG::BN;
+  const int grp = blockIdx.y / ntiles;
+  const int n0 = (blockIdx.y % ntiles) * CFG::BN;
+  const I m0 = (I)blockIdx.x * CFG::BM;
+  const int k_begin = blockIdx.z * p.kchunk;
+  const int k_end = gc_min(Kred, k_begin + p.kchunk);
+  const int steps = k_end > k_begin ? (k_end - k_begin + CFG::BK - 1) / CFG::BK : 0;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / CFG::WN, wn = warp % CFG::WN;
+  // widest copy the weight's alignment allows (k_begin is a multiple of BK)
+  const int lv = (Kred & 7) == 0 ? 3 : (Kred & 3) == 0 ? 2 : (Kred & 1) == 0 ? 1 : 0;
+  const I wbase = (I)grp * p.wg + (I)n0 * p.wn;
+  const I wnI = p.wn;
+  const int nlim = p.Ng - n0;
+
+  gc_fp_taps(tab, p, T_, tid, CFG::NT);
+  float acc[CFG::MI][CFG::NJ][4];
+#pragma unroll
+  for (int i = 0; i < CFG::MI; ++i)
+#pragma unroll
+    for (int j = 0; j < CFG::NJ; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+  __syncthreads();  // tap table ready
+  gc_tc_a_iter<I, CFG> ita;
+  ita.init(src, p, grp, m0, M, k_begin, tid);
+  unsigned short ra[gc_tc_a_iter<I, CFG>::E];
+
+  // prologue: stages 0 .. NS-2 (A stored directly, B copies committed one group a stage)
+#pragma unroll
+  for (int s = 0; s < CFG::NS - 1; ++s) {
+    if (s < steps) {
+      ita.load(ra, tab, p, k_begin + s * CFG::BK, k_end);
+      ita.store(As + s * CFG::A_ST, ra);
+      gc_tc_load_b<I, CFG>(Bs + s * CFG::B_ST, wt, wbase, wnI, nlim, k_begin + s * CFG::BK,
+                           k_end, lv, tid);
+    }
+    gc_cp_async_commit();
+  }
+  // lane's ldmatrix row addresses (halves, within a stage)
+  const int li = lane >> 3, lr = lane & 7;
+  const int a_off = (lr + (li >> 1) * 8) * CFG::LDA + wm * CFG::WTM + (li & 1) * 8;
+  const int b_off = (wn * CFG::WTN + (li >> 1) * 8 + lr) * CFG::LDB + (li & 1) * 8;
+
+  for (int s = 0; s < steps; ++s) {
+    const int cur = s % CFG::NS;
+    const int nxt = (s + CFG::NS - 1) % CFG::NS;  // the stage read at step s-1
+    gc_cp_async_wait<CFG::NS - 2>();  // this thread's copies of step s have landed
+    __syncthreads();                  // ... everyone's; and step s-1's reads are done
+    const bool more = s + CFG::NS - 1 < steps;
+    if (more) {
+      const int k0 = k_begin + (s + CFG::NS - 1) * CFG::BK;
+      gc_tc_load_b<I, CFG>(Bs + nxt * CFG::B_ST, wt, wbase, wnI, nlim, k0, k_end, lv, tid);
+      ita.load(ra, tab, p, k0, k_end);  // in flight during the MMAs below
+    }
+    gc_cp_async_commit();
+    const unsigned short* as = As + cur * CFG::A_ST;
+    const unsigned short* bs = Bs + cur * CFG::B_ST;
+    unsigned af[CFG::MI][4], bf[CFG::NJ][2];
+#pragma unroll
+    for (int i = 0; i < CFG::MI; ++i) gc_ldmatrix_x4_trans(af[i], as + a_off + i * 16);
+#pragma unroll
+    for (int j = 0; j < CFG::NJ; j += 2) {
+      unsigned r[4];
+      gc_ldmatrix_x4(r, bs + b_off + j * 8 * CFG::LDB);
+      bf[j][0] = r[0];
+      bf[j][1] = r[1];
+      bf[j + 1][0] = r[2];
+      bf[j + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int i = 0; i < CFG::MI; ++i)
+#pragma unroll
+      for (int j = 0; j < CFG::NJ; ++j) gc_tc_mma<T>::run(acc[i][j], af[i], bf[j]);
+    if (more) ita.store(As + nxt * CFG::A_ST, ra);
+  }
+  gc_cp_async_wait<0>();  // no copy outlives the block (only empty groups remain)
+
+  // epilogue: C fragment c0,c1 (row g, cols 2t, 2t+1), c2,c3 (row g+8)
+  const I esp = (I)p.ED * p.EH * p.EW;
+  const I total = (I)p.Nimg * p.Cout * esp;
+#pragma unroll
+  for (int i = 0; i < CFG::MI; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const I m = m0 + wm * CFG::WTM + i * 16 + (lane >> 2) + 8 * h;
+      if (m >= M) continue;
+      I r = m;
+      const int mw = (int)(r % p.MW); r /= p.MW;
+      const int mh = (int)(r % p.MH); r /= p.MH;
+      const int md = (int)(r % p.MD);
+      const I img = r / p.MD;
+      const I e = (((I)(md * p.osd + p.ofd) * p.EH + (mh * p.osh + p.ofh)) * p.EW +
+                   (mw * p.osw + p.ofw));
+      const I rowbase = (img * p.Cout + (I)grp * p.Ng) * esp + e;
+#pragma unroll
+      for (int j = 0; j < CFG::NJ; ++j)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int n = n0 + wn * CFG::WTN + j * 8 + 2 * (lane & 3) + q;
+          if (n >= p.Ng) continue;
+          const I idx = rowbase + (I)n * esp;
+          float v = acc[i][j][2 * h + q];
+          if (split) {
+            partial[(I)blockIdx.z * total + idx] = v;
+          } else {
+            if (has_bias) v += gc_load(bias + grp * p.Ng + n);
+            gc_store(out + idx, v);
+          }
+        }
+    }
+}
+
+template <class CFG>
+struct gc_tc_smem {
+  enum { BYTES = CFG::NS * (CFG::A_ST + CFG::B_ST) * 2 };
+};
+
 // ---- fixed-order split-K reduction (and the epilogue of a split GEMM) -----------------
 // out[e] = round(sum_{s < splits} partial[s*total + e] + bias[(e / inner) % channels])
 template <typename T>

@@ -58,7 +58,7 @@ class CudaBackend:
         y = rt.empty(g.y_shape, g.dtype)
         if use_igemm(g):
             self._igemm_fp(xc, wc, bc if bias is not None else None, y,
-                           [IG.forward_problem(g)], g)
+                           [IG.forward_problem(g)], g, tensor_op=IG.tensor_op(g, _algo()))
             return y
         total = math.prod(g.y_shape)
         args = (xc, wc, bc, y) + geo_args(g) + (np.int32(bias is not None),)
@@ -149,22 +149,25 @@ class CudaBackend:
                        np.int32(splits), np.int64(inner), np.int32(channels),
                        np.int32(bias is not None)))
 
-    def _igemm_fp(self, src, w, bias, out, problems, g):
+    def _igemm_fp(self, src, w, bias, out, problems, g, tensor_op=False):
         """Forward-like GEMMs (the forward, or the stride phases of the input grad) into
         `out`; under split-K every phase writes all `splits` partial slices and one
-        fixed-order reduce adds them (and the bias) and rounds once."""
+        fixed-order reduce adds them (and the bias) and rounds once.  tensor_op: the
+        forward of a half type on the tensor-op policy (gpuconv_igemm_fptc_*)."""
         rt = self.rt
         cfg, splits = IG.fp_plan(problems, g.groups)
-        c = IG.CONFIGS[cfg]
+        c = (IG.TC_CONFIGS if tensor_op else IG.CONFIGS)[cfg]
         acc = g.accumulate_dtype
         # no split: the kernel never touches `partial` (a 1-element placeholder of its type)
         partial = rt.empty((splits,) + tuple(out.shape) if splits > 1 else (1,), acc)
-        fn, _ = self._igemm_fn("fp", g, cfg, src.size, w.size, out.size * splits)
+        fn, _ = self._igemm_fn("fptc" if tensor_op else "fp", g, cfg, src.size, w.size,
+                               out.size * splits)
         bias_arg = bias if bias is not None else w
         for p in problems:
             grid = IG.fp_grid(p, cfg, g.groups, splits)
             chunk = IG.kchunk(p.kred, splits, c["BK"])
-            smem = IG.smem_bytes(cfg, acc.itemsize, IG.fp_taps(p))
+            smem = (IG.tc_smem_bytes(cfg, IG.fp_taps(p)) if tensor_op
+                    else IG.smem_bytes(cfg, acc.itemsize, IG.fp_taps(p)))
             args = ((src, w, bias_arg, out, partial)
                     + tuple(np.int32(v) for v in p.params) + (np.int32(chunk),)
                     + (np.int32(bias is not None and splits == 1), np.int32(splits > 1)))

@@ -25,6 +25,12 @@ CONFIGS = {
     "l": dict(BM=128, BN=128, BK=8, NT=256),
     "s": dict(BM=64, BN=64, BK=8, NT=64),
 }
+# tensor-op policy (gc_tc_l / gc_tc_s, float16/bfloat16 forward): same BM x BN tiles,
+# BK = 16 (one m16n8k16 step), NS = 3 shared stages, A [BK][BM+8] + B [BN][BK+8] halves
+TC_CONFIGS = {
+    "l": dict(BM=128, BN=128, BK=16, NT=256, NS=3),
+    "s": dict(BM=64, BN=64, BK=16, NT=128, NS=3),
+}
 TAP_INTS = 5  # GC_TAP_INTS: ints per tap-table entry in shared memory
 MAX_TAPS = 512
 NUM_SMS = 132  # H100/H200; the wave used by the split-K rule
@@ -43,6 +49,18 @@ def _env_choice(name, allowed):
 def smem_bytes(cfg: str, acc_size: int, taps: int = 0) -> int:
     c = CONFIGS[cfg]
     return 2 * c["BK"] * ((c["BM"] + 4) + (c["BN"] + 4)) * acc_size + 4 * TAP_INTS * taps
+
+
+def tc_smem_bytes(cfg: str, taps: int) -> int:
+    c = TC_CONFIGS[cfg]
+    return (c["NS"] * (c["BK"] * (c["BM"] + 8) + c["BN"] * (c["BK"] + 8)) * 2
+            + 4 * TAP_INTS * taps)
+
+
+def tensor_op(g, algo: str) -> bool:
+    """The tensor-op policy takes the half types' forward unless GPUCONV_CUDA_ALGO=simt
+    forces the engine's SIMT policy."""
+    return g.dtype.itemsize == 2 and algo != "simt"
 
 
 def fits(g) -> bool:

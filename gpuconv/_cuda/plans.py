@@ -69,12 +69,13 @@ def wgrad_plan(welems: int, red: int, target_blocks: int = 2048,
 
 def _algo():
     """GPUCONV_CUDA_ALGO: 'auto' (default), 'direct', 'tiled' (the 64x64 tiled kernels),
-    'depthwise' or 'igemm' (the implicit-GEMM engine); tests force each ('depthwise'
-    sends every geometry the depthwise kernels fit to them)."""
+    'depthwise', 'igemm' (the implicit-GEMM engine, its default policy: tensor ops for
+    the half types' forward) or 'simt' (the engine, SIMT policy only); tests force each
+    ('depthwise' sends every geometry the depthwise kernels fit to them)."""
     a = os.environ.get("GPUCONV_CUDA_ALGO", "auto").strip().lower() or "auto"
-    if a not in ("auto", "direct", "tiled", "depthwise", "igemm"):
-        raise ValueError(f"GPUCONV_CUDA_ALGO={a!r}: expected auto, direct, tiled, depthwise "
-                         f"or igemm")
+    if a not in ("auto", "direct", "tiled", "depthwise", "igemm", "simt"):
+        raise ValueError(f"GPUCONV_CUDA_ALGO={a!r}: expected auto, direct, tiled, depthwise, "
+                         f"igemm or simt")
     return a
 
 
@@ -90,7 +91,7 @@ def _use_igemm(g, algo) -> bool:
     from . import igemm
     if algo in ("direct", "tiled") or not igemm.fits(g):
         return False
-    if algo == "igemm":
+    if algo in ("igemm", "simt"):
         return True
     return g.Kg >= 8 and g.Cg * g.taps >= 8
 
@@ -111,7 +112,7 @@ def _use_tiled(g, algo) -> bool:
     must fit 65535."""
     fits = (m_tiles(g) <= MAX_GRID[1] and g.taps <= MAX_TAPS
             and math.prod(g.in_spatial) <= INT32_LIMIT)  # tap offsets are 32-bit
-    if algo in ("direct", "igemm") or not fits:
+    if algo in ("direct", "igemm", "simt") or not fits:
         return False
     if algo == "tiled":
         return True

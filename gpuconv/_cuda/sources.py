@@ -106,6 +106,18 @@ _ENTRY = re.compile(r'extern[\s\\]+"C"[\s\\]+__global__[\s\\]+void[\s\\]+'
                     r'[\s\\]*)?(gpuconv_[A-Za-z0-9_#]+)[\s\\]*\(')
 
 
+# entry-name prefixes emitted for some dtypes only (prefix -> dtype suffixes): the
+# tensor-op policy exists for the half types
+ENTRY_DTYPES = {"gpuconv_igemm_fptc_": ("f16", "bf16")}
+
+
+def _emitted(name: str, suffix: str) -> bool:
+    for pre, sufs in ENTRY_DTYPES.items():
+        if name.startswith(pre):
+            return suffix in sufs
+    return True
+
+
 def entry_names(pass_name: str) -> list:
     """Every entry point the module of `pass_name` defines: per dtype, in source order."""
     patterns = []
@@ -113,7 +125,8 @@ def entry_names(pass_name: str) -> list:
         patterns += [p.replace("##ISUF", i) for i in INDEX_SUFFIXES] if "##ISUF" in p else [p]
     names = []
     for d in DTYPES.values():
-        names += [re.sub(r"##SUF(##)?", d.suffix, p) for p in patterns]
+        names += [n for n in (re.sub(r"##SUF(##)?", d.suffix, p) for p in patterns)
+                  if _emitted(n, d.suffix)]
     return list(dict.fromkeys(names))  # a name without ##SUF## once
 
 
