@@ -64,6 +64,26 @@ def test_simt_main_loops_use_128_bit_shared_loads_and_no_local_memory(report):
         assert whole["LDL"] == 0 and whole["STL"] == 0, (n, whole)
 
 
+def test_tensor_op_entries_use_hmma_ldsm_ldgsts_and_no_local_memory(report):
+    _, rows, _ = report
+    tc = [n for n in rows if n.startswith("gpuconv_igemm_fptc_")]
+    assert len(tc) == 8, tc  # f16/bf16 x l/s x i32/i64
+    if not rows[tc[0]]["loop"]:
+        pytest.skip("cuobjdump/nvdisasm not found (pip install nvidia-cuda-cuobjdump "
+                    "nvidia-cuda-nvdisasm)")
+    for n in tc:
+        r = rows[n]
+        loop, whole = r["loop"], r["sass"]
+        # one BK = 16 step of the warp tile: l 64x32 = 4 x 4 m16n8k16, s 32x32 = 2 x 4;
+        # ldmatrix.x4: MI (A, .trans) + NJ/2 (B)
+        mi = 4 if "_l_" in n else 2
+        assert loop["HMMA"] == mi * 4, (n, loop)
+        assert loop["LDSM"] == mi + 2, (n, loop)
+        assert loop["LDGSTS"] >= 1 and loop["BAR"] == 1, (n, loop)
+        assert whole["LDL"] == 0 and whole["STL"] == 0, (n, whole)
+        assert r["spill_stores"] == 0 and r["spill_loads"] == 0, n
+
+
 def test_the_report_prints_a_row_per_entry_point(report, capsys):
     _, rows, _ = report
     text = R.format_reports([R.EntryReport(**{k: v for k, v in r.items()})
