@@ -565,10 +565,10 @@ __device__ __forceinline__ void gc_igemm_wg(const T* __restrict__ x, const T* __
 }
 
 // ---- tensor-op warp-MMA policy: float16 / bfloat16 forward ------------------------------
-// Same GEMM view and tap table as gc_igemm_fp (forward only: the weight is read as
-// wt[grp*wg + n*wn + k], which holds for the forward's parameters), but the reduction is
-// CHANNEL-major, k = c*T + t, so that a weight row (one output channel) is contiguous
-// along k and can be copied with cp.async.  Per BK = 16 step:
+// Same GEMM view, tap table and tap-major reduction (k = t*Cg + c) as gc_igemm_fp, forward
+// only; the weight is first reordered (gc_igemm_wreorder: [K][taps][Cg]) so that one
+// output channel's row is contiguous along k, read as wt[grp*wg + n*wn + k], and can be
+// copied with cp.async.  Per BK = 16 step:
 //   * B (weight) tile [BN][LDB] (k fast, LDB = BK + 8 halves: 48-byte rows, the 8 rows an
 //     ldmatrix phase reads start in 8 different 4-bank groups: no conflicts), filled by
 //     cp.async of 16, 8 or 4 bytes (the widest the alignment of Cg*T allows; zero-fill
@@ -617,26 +617,45 @@ template <> struct gc_tc_mma<gc_bf16> {
 };
 
 // A operand of the tensor-op forward: thread owns GEMM row am (m-fast) and reduction rows
-// ak + ARS*i of each step, as (c, t) digits stepped by BK with one carry (no division).
+// ak + ARS*i of each step, k = t*Cg + c (tap-major, as gc_fp_a_iter), as (t, c) digits
+// stepped by BK with one carry (no division); the tap table is read and the bounds
+// checked only when a row's tap changes, otherwise the offset moves by a fixed stride.
 template <typename I, class CFG>
 struct gc_tc_a_iter {
   enum { E = CFG::AE, RS = CFG::ARS };
   const unsigned short* __restrict__ src;
-  I base, sp;
+  I base, sp, cstep;
   int z0, y0, x0, am, ak, T_, Cg, st, sc;
   bool mvalid;
   int c[E], t[E];
+  I off[E];
+  unsigned ok;  // bit i: row i reads (inside the source, real row, real tap)
 
-  __device__ __forceinline__ void init(const unsigned short* __restrict__ s, const gc_fp& p,
-                                       int grp, I m0, I M, int k_begin, int tid) {
+  __device__ __forceinline__ void refresh(int i, const int* tab, const gc_fp& p) {
+    ok &= ~(1u << i);
+    off[i] = 0;
+    if (mvalid && t[i] < T_) {
+      const int* e = tab + GC_TAP_INTS * t[i];
+      const int z = z0 + e[0], y = y0 + e[1], x = x0 + e[2];
+      if ((unsigned)z < (unsigned)p.SD && (unsigned)y < (unsigned)p.SH &&
+          (unsigned)x < (unsigned)p.SW)
+        ok |= 1u << i;
+      off[i] = base + (I)c[i] * sp + e[3];
+    }
+  }
+
+  __device__ __forceinline__ void init(const unsigned short* __restrict__ s, const int* tab,
+                                       const gc_fp& p, int grp, I m0, I M, int k_begin,
+                                       int tid) {
     src = s;
     am = tid % CFG::BM;
     ak = tid / CFG::BM;
     T_ = p.TD * p.TH * p.TW;
     Cg = p.Cg;
-    st = CFG::BK % T_;
-    sc = CFG::BK / T_;
+    sc = CFG::BK % Cg;
+    st = CFG::BK / Cg;
     sp = (I)p.SD * p.SH * p.SW;
+    cstep = (I)sc * sp;
     const I m = m0 + am;
     mvalid = m < M;
     z0 = y0 = x0 = 0;
@@ -652,11 +671,13 @@ struct gc_tc_a_iter {
       x0 = mw * p.msw + p.mbw;
       base = (img * p.Csrc + (I)grp * p.Cg) * sp + ((I)z0 * p.SH + y0) * p.SW + x0;
     }
+    ok = 0;
 #pragma unroll
     for (int i = 0; i < E; ++i) {
       const int k = k_begin + ak + RS * i;
-      c[i] = k / T_;
-      t[i] = k - c[i] * T_;
+      t[i] = k / Cg;
+      c[i] = k - t[i] * Cg;
+      refresh(i, tab, p);
     }
   }
 
@@ -665,18 +686,16 @@ struct gc_tc_a_iter {
                                        int k0, int k_end) {
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      unsigned short v = 0;
-      if (mvalid && c[i] < Cg && k0 + ak + RS * i < k_end) {
-        const int* e = tab + GC_TAP_INTS * t[i];
-        const int z = z0 + e[0], y = y0 + e[1], x = x0 + e[2];
-        if ((unsigned)z < (unsigned)p.SD && (unsigned)y < (unsigned)p.SH &&
-            (unsigned)x < (unsigned)p.SW)
-          v = src[base + (I)c[i] * sp + e[3]];
-      }
-      r[i] = v;
-      t[i] += st;
+      r[i] = ((ok >> i & 1u) && k0 + ak + RS * i < k_end) ? src[off[i]] : (unsigned short)0;
       c[i] += sc;
-      if (t[i] >= T_) { t[i] -= T_; ++c[i]; }
+      int tn = t[i] + st;
+      if (c[i] >= Cg) { c[i] -= Cg; ++tn; }
+      if (tn != t[i]) {
+        t[i] = tn;
+        refresh(i, tab, p);
+      } else {
+        off[i] += cstep;
+      }
     }
   }
 
@@ -686,6 +705,22 @@ struct gc_tc_a_iter {
     for (int i = 0; i < E; ++i) As[(ak + RS * i) * CFG::LDA + am] = r[i];
   }
 };
+
+// The weight reordered for the tensor-op forward: wr[(o*T + t)*Cg + c] = w[(o*Cg + c)*T + t]
+// (o over every output channel): each output channel's row becomes contiguous along the
+// tap-major reduction index k = t*Cg + c.  One pass over the (small) weight per forward.
+template <typename T>
+__device__ __forceinline__ void gc_igemm_wreorder(const T* __restrict__ w, T* __restrict__ wr,
+                                                  long long total, int Cg, int taps) {
+  for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+       e += (long long)gridDim.x * blockDim.x) {
+    const int c = (int)(e % Cg);
+    const long long r = e / Cg;
+    const int t = (int)(r % taps);
+    const long long o = r / taps;
+    wr[e] = w[(o * Cg + c) * taps + t];
+  }
+}
 
 // B operand (the weight rows, contiguous along k): one stage's copies.  lv = log2 of the
 // elements per copy (3: 16 bytes, 2: 8, 1: 4; 0: plain loads, Cg*T odd).
@@ -751,7 +786,7 @@ __device__ __forceinline__ void gc_igemm_fp_tc(const T* __restrict__ src_, const
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
   __syncthreads();  // tap table ready
   gc_tc_a_iter<I, CFG> ita;
-  ita.init(src, p, grp, m0, M, k_begin, tid);
+  ita.init(src, tab, p, grp, m0, M, k_begin, tid);
   unsigned short ra[gc_tc_a_iter<I, CFG>::E];
 
   // prologue: stages 0 .. NS-2 (A stored directly, B copies committed one group a stage)

@@ -1,5 +1,5 @@
 """The tensor-op policy of the implicit-GEMM engine (gpuconv_igemm_fptc_*: ldmatrix +
-mma.sync m16n8k16, float32 accumulators, 3-stage cp.async weight pipeline) under the
+mma.sync m16n8k16, float32 accumulators, 3-stage cp.async pipeline of the weight, reordered once per call) under the
 emulator: both tile configurations, both index widths, with and without split-K, every
 thread schedule, float16 and bfloat16, against the float64 reference, over the awkward
 geometries of tests/test_igemm.py plus weight-row alignments that select each cp.async
@@ -59,6 +59,7 @@ def test_tensor_op_forward_every_entry_point_every_schedule(sim_backend, igemm_e
     i = "i64" if index == "64" else "i32"
     name = f"gpuconv_igemm_fptc_{SUFFIX[dtype]}_{cfg}_{i}"
     assert name in be.called, sorted(set(be.called))
+    assert f"gpuconv_igemm_fptc_wreorder_{SUFFIX[dtype]}" in be.called
     assert not any(n.startswith("gpuconv_igemm_fp_") for n in be.called), be.called
     if splits > 1:
         assert f"gpuconv_igemm_reduce_{SUFFIX[dtype]}" in be.called

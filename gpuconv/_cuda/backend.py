@@ -163,6 +163,13 @@ class CudaBackend:
         fn, _ = self._igemm_fn("fptc" if tensor_op else "fp", g, cfg, src.size, w.size,
                                out.size * splits)
         bias_arg = bias if bias is not None else w
+        if tensor_op:  # the weight as [K][taps][C/G]: rows contiguous along k = tap*Cg + c
+            wr = rt.empty(w.shape, w.dtype)
+            rfn = self.modules.function("igemm",
+                                        f"gpuconv_igemm_fptc_wreorder_{g.dtype_info.suffix}")
+            launch.launch(rt, rfn, self._grid_1d(w.size),
+                          (w, wr, np.int64(w.size), np.int32(g.Cg), np.int32(g.taps)))
+            w = wr
         for p in problems:
             grid = IG.fp_grid(p, cfg, g.groups, splits)
             chunk = IG.kchunk(p.kred, splits, c["BK"])
