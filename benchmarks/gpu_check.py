@@ -234,9 +234,10 @@ def sanitizer_plan():
     for c in SANITIZER_CASES:
         fams = set()
         for p in _case_passes(c):
-            fams |= set(launched_families(_case_kw(c), p, c["x"], c["w"], "float32",
-                                          env={"GPUCONV_CUDA_ALGO": c["algo"],
-                                               **c.get("env", {})}))
+            for dt in SANITIZER_DTYPES:  # bfloat16 reaches the tensor-op forward
+                fams |= set(launched_families(_case_kw(c), p, c["x"], c["w"], dt,
+                                              env={"GPUCONV_CUDA_ALGO": c["algo"],
+                                                   **c.get("env", {})}))
         covered |= fams
         out.append({"case": c["name"], "passes": list(_case_passes(c)), "families": sorted(fams)})
     every = sorted({entry_family(n) for n in cuda().all_entry_names()})

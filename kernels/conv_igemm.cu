@@ -6,7 +6,7 @@
 //                                      mma.sync m16n8k16, float32 accumulators, 3-stage
 //                                      cp.async weight pipeline; <cfg>: l = 128x128x16,
 //                                      256 threads; s = 64x64x16, 128 threads
-//   gpuconv_igemm_fptc_wreorder_<t>    its weight, reordered to [K][taps][C/G] (one pass)
+//   gpuconv_igemm_wreorder_<t>    its weight, reordered to [K][taps][C/G] (one pass)
 // <cfg>: l = 128x128x8 tile, 256 threads; s = 64x64x8 (float64: 64x64x4), 64 threads.
 // 8x8 outputs per thread.  Half types run the float32 SIMT policy here (loads widened
 // to float32) until the tensor-op policy exists.
@@ -65,7 +65,7 @@ GC_FOR_EACH_DTYPE(GC_IG_ENTRIES)
   }
 #define GC_TC_ENTRIES(SUF, T)                                                                \
   GC_FOR_EACH_INDEX(GC_TC_ENTRY_I, SUF, T)                                                   \
-  extern "C" __global__ void gpuconv_igemm_fptc_wreorder_##SUF(                              \
+  extern "C" __global__ void gpuconv_igemm_wreorder_##SUF(                              \
       const T* __restrict__ w, T* __restrict__ wr, long long total, int Cg, int taps) {      \
     gc_igemm_wreorder<T>(w, wr, total, Cg, taps);                                            \
   }

@@ -59,7 +59,7 @@ def test_tensor_op_forward_every_entry_point_every_schedule(sim_backend, igemm_e
     i = "i64" if index == "64" else "i32"
     name = f"gpuconv_igemm_fptc_{SUFFIX[dtype]}_{cfg}_{i}"
     assert name in be.called, sorted(set(be.called))
-    assert f"gpuconv_igemm_fptc_wreorder_{SUFFIX[dtype]}" in be.called
+    assert f"gpuconv_igemm_wreorder_{SUFFIX[dtype]}" in be.called
     assert not any(n.startswith("gpuconv_igemm_fp_") for n in be.called), be.called
     if splits > 1:
         assert f"gpuconv_igemm_reduce_{SUFFIX[dtype]}" in be.called

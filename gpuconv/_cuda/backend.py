@@ -166,7 +166,7 @@ class CudaBackend:
         if tensor_op:  # the weight as [K][taps][C/G]: rows contiguous along k = tap*Cg + c
             wr = rt.empty(w.shape, w.dtype)
             rfn = self.modules.function("igemm",
-                                        f"gpuconv_igemm_fptc_wreorder_{g.dtype_info.suffix}")
+                                        f"gpuconv_igemm_wreorder_{g.dtype_info.suffix}")
             launch.launch(rt, rfn, self._grid_1d(w.size),
                           (w, wr, np.int64(w.size), np.int32(g.Cg), np.int32(g.taps)))
             w = wr
