@@ -51,9 +51,11 @@
 
 GC_FOR_EACH_DTYPE(GC_IG_ENTRIES)
 
-// tensor-op policy: float16 / bfloat16 forward
+// tensor-op policy: float16 / bfloat16 forward.  The large tile asks for 2 resident
+// blocks (<= 128 registers: spill-free on sm_90 with 32-bit indices; the 64-bit variant
+// needs more and keeps 1)
 #define GC_TC_ENTRY_I(SUF, T, ISUF, I)                                                       \
-  extern "C" __global__ void __launch_bounds__(256, 1)                                       \
+  extern "C" __global__ void __launch_bounds__(256, sizeof(I) == 8 ? 1 : 2)                 \
       gpuconv_igemm_fptc_##SUF##_l_##ISUF(GC_IG_FP_PARAMS(T)) {                              \
     const gc_fp p = GC_FP_MAKE;                                                              \
     gc_igemm_fp_tc<T, I, gc_tc_l>(src, wt, bias, out, partial, p, has_bias, split);          \
