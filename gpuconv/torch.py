@@ -347,154 +347,92 @@ def _call(fn, op, *args):
     return op(*args)
 
 
-class _ConvFn(torch.autograd.Function):
+class _GradFn(torch.autograd.Function):
+    """Shared context of the gradient Functions: inputs (a, b, shape, *geom); a and b
+    are saved for their backward."""
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, w, b, *geom):
-        return _conv_op(x, w, b, *geom)
-
-    @staticmethod
     def setup_context(ctx, inputs, output):
-        x, w, b, *geom = inputs
-        ctx.save_for_backward(x, w)
-        ctx.geom = geom
-        ctx.has_bias = b is not None
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _call(_InputGradFn, _input_grad_op, gy, w, list(x.shape), *ctx.geom)
-        if ctx.needs_input_grad[1]:
-            gw = _call(_WeightGradFn, _weight_grad_op, x, gy, list(w.shape), *ctx.geom)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = _bias_grad(gy)
-        return (gx, gw, gb) + (None,) * len(ctx.geom)
-
-
-class _InputGradFn(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(gy, w, input_shape, *geom):
-        return _input_grad_op(gy, w, input_shape, *geom)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        gy, w, _, *geom = inputs
-        ctx.save_for_backward(gy, w)
+        a, b, _, *geom = inputs
+        ctx.save_for_backward(a, b)
         ctx.geom = geom
 
-    @staticmethod
-    def backward(ctx, ggx):
-        gy, w = ctx.saved_tensors
-        d_gy = d_w = None
-        if ctx.needs_input_grad[0]:
-            d_gy = _call(_ConvFn, _conv_op, ggx, w, None, *ctx.geom)
-        if ctx.needs_input_grad[1]:
-            d_w = _call(_WeightGradFn, _weight_grad_op, ggx, gy, list(w.shape), *ctx.geom)
-        return (d_gy, d_w, None) + (None,) * len(ctx.geom)
+
+def _function_triple(fwd, dgrad, wgrad, name):
+    """The differentiable Functions of one convolution family: the convolution, its
+    input gradient and its weight gradient, whose backward passes are made of the
+    other two (so every order of derivative is a gpuconv call).  The operators are named
+    (keys of ``_OPS``) and looked up there, so torch.compile sees them as module globals."""
+
+    class Fwd(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(x, w, b, *geom):
+            return _OPS[fwd](x, w, b, *geom)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            x, w, b, *geom = inputs
+            ctx.save_for_backward(x, w)
+            ctx.geom = geom
+            ctx.has_bias = b is not None
+
+        @staticmethod
+        def backward(ctx, gy):
+            x, w = ctx.saved_tensors
+            gx = gw = gb = None
+            if ctx.needs_input_grad[0]:
+                gx = _call(InputGrad, _OPS[dgrad], gy, w, list(x.shape), *ctx.geom)
+            if ctx.needs_input_grad[1]:
+                gw = _call(WeightGrad, _OPS[wgrad], x, gy, list(w.shape), *ctx.geom)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                gb = _bias_grad(gy)
+            return (gx, gw, gb) + (None,) * len(ctx.geom)
+
+    class InputGrad(_GradFn):
+        @staticmethod
+        def forward(gy, w, input_shape, *geom):
+            return _OPS[dgrad](gy, w, input_shape, *geom)
+
+        @staticmethod
+        def backward(ctx, ggx):
+            gy, w = ctx.saved_tensors
+            d_gy = d_w = None
+            if ctx.needs_input_grad[0]:
+                d_gy = _call(Fwd, _OPS[fwd], ggx, w, None, *ctx.geom)
+            if ctx.needs_input_grad[1]:
+                d_w = _call(WeightGrad, _OPS[wgrad], ggx, gy, list(w.shape), *ctx.geom)
+            return (d_gy, d_w, None) + (None,) * len(ctx.geom)
+
+    class WeightGrad(_GradFn):
+        @staticmethod
+        def forward(x, gy, weight_shape, *geom):
+            return _OPS[wgrad](x, gy, weight_shape, *geom)
+
+        @staticmethod
+        def backward(ctx, ggw):
+            x, gy = ctx.saved_tensors
+            d_x = d_gy = None
+            if ctx.needs_input_grad[0]:
+                d_x = _call(InputGrad, _OPS[dgrad], gy, ggw, list(x.shape), *ctx.geom)
+            if ctx.needs_input_grad[1]:
+                d_gy = _call(Fwd, _OPS[fwd], x, ggw, None, *ctx.geom)
+            return (d_x, d_gy, None) + (None,) * len(ctx.geom)
+
+    for cls, suffix in ((Fwd, ""), (InputGrad, "InputGrad"), (WeightGrad, "WeightGrad")):
+        cls.__name__ = cls.__qualname__ = f"_{name}{suffix}Fn"
+    return Fwd, InputGrad, WeightGrad
 
 
-class _WeightGradFn(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, gy, weight_shape, *geom):
-        return _weight_grad_op(x, gy, weight_shape, *geom)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, gy, _, *geom = inputs
-        ctx.save_for_backward(x, gy)
-        ctx.geom = geom
-
-    @staticmethod
-    def backward(ctx, ggw):
-        x, gy = ctx.saved_tensors
-        d_x = d_gy = None
-        if ctx.needs_input_grad[0]:
-            d_x = _call(_InputGradFn, _input_grad_op, gy, ggw, list(x.shape), *ctx.geom)
-        if ctx.needs_input_grad[1]:
-            d_gy = _call(_ConvFn, _conv_op, x, ggw, None, *ctx.geom)
-        return (d_x, d_gy, None) + (None,) * len(ctx.geom)
-
-
-class _TransposeFn(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, w, b, *geom):
-        return _transpose_op(x, w, b, *geom)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, w, b, *geom = inputs
-        ctx.save_for_backward(x, w)
-        ctx.geom = geom
-        ctx.has_bias = b is not None
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, w = ctx.saved_tensors
-        gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = _call(_TInputGradFn, _t_input_grad_op, gy, w, list(x.shape), *ctx.geom)
-        if ctx.needs_input_grad[1]:
-            gw = _call(_TWeightGradFn, _t_weight_grad_op, x, gy, list(w.shape), *ctx.geom)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = _bias_grad(gy)
-        return (gx, gw, gb) + (None,) * len(ctx.geom)
-
-
-class _TInputGradFn(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(gy, w, input_shape, *geom):
-        return _t_input_grad_op(gy, w, input_shape, *geom)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        gy, w, _, *geom = inputs
-        ctx.save_for_backward(gy, w)
-        ctx.geom = geom
-
-    @staticmethod
-    def backward(ctx, ggx):
-        gy, w = ctx.saved_tensors
-        d_gy = d_w = None
-        if ctx.needs_input_grad[0]:
-            d_gy = _call(_TransposeFn, _transpose_op, ggx, w, None, *ctx.geom)
-        if ctx.needs_input_grad[1]:
-            d_w = _call(_TWeightGradFn, _t_weight_grad_op, ggx, gy, list(w.shape), *ctx.geom)
-        return (d_gy, d_w, None) + (None,) * len(ctx.geom)
-
-
-class _TWeightGradFn(torch.autograd.Function):
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, gy, weight_shape, *geom):
-        return _t_weight_grad_op(x, gy, weight_shape, *geom)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, gy, _, *geom = inputs
-        ctx.save_for_backward(x, gy)
-        ctx.geom = geom
-
-    @staticmethod
-    def backward(ctx, ggw):
-        x, gy = ctx.saved_tensors
-        d_x = d_gy = None
-        if ctx.needs_input_grad[0]:
-            d_x = _call(_TInputGradFn, _t_input_grad_op, gy, ggw, list(x.shape), *ctx.geom)
-        if ctx.needs_input_grad[1]:
-            d_gy = _call(_TransposeFn, _transpose_op, x, ggw, None, *ctx.geom)
-        return (d_x, d_gy, None) + (None,) * len(ctx.geom)
+_OPS = {"conv": _conv_op, "input_grad": _input_grad_op, "weight_grad": _weight_grad_op,
+        "transpose": _transpose_op, "t_input_grad": _t_input_grad_op,
+        "t_weight_grad": _t_weight_grad_op}
+_ConvFn, _InputGradFn, _WeightGradFn = _function_triple(
+    "conv", "input_grad", "weight_grad", "Conv")
+_TransposeFn, _TInputGradFn, _TWeightGradFn = _function_triple(
+    "transpose", "t_input_grad", "t_weight_grad", "Transpose")
 
 
 # Direct callers of torch.ops.gpuconv.* get the same formulas (custom-op autograd does
@@ -613,19 +551,27 @@ def _geom(op, x, w, stride, padding, dilation, groups):
 
 
 # ----------------------------------------------------------------------------- functional API
-def _conv(op, nd, input, weight, bias, stride, padding, dilation, groups):
+def _operands(op, nd, input, weight, bias, weight_layout):
+    """Checks the tensors and the weight's rank (``nd`` None: from the weight), adds the
+    batch axis of an unbatched input, applies autocast and checks one dtype; returns
+    (nd, x, weight, bias, batched)."""
     _check(op, input=input, weight=weight, bias=bias)
     if nd is None:
         nd = weight.dim() - 2
         if nd not in (1, 2, 3):
-            raise ValueError(f"gpuconv.torch.{op}: weight must be (K, C/groups, *kernel) with 1-3 "
-                             f"kernel dims, got shape {tuple(weight.shape)}")
+            raise ValueError(f"gpuconv.torch.{op}: weight must be ({weight_layout}, *kernel) "
+                             f"with 1-3 kernel dims, got shape {tuple(weight.shape)}")
     elif weight.dim() != nd + 2:
-        raise ValueError(f"gpuconv.torch.{op}: weight must be (K, C/groups, *kernel) with "
+        raise ValueError(f"gpuconv.torch.{op}: weight must be ({weight_layout}, *kernel) with "
                          f"{nd} kernel dims, got shape {tuple(weight.shape)}")
     x, batched = _batch(op, input, nd)
     x, weight, bias = _autocast(x, weight, bias)
     _check_same_dtype(op, input=x, weight=weight, bias=bias)
+    return nd, x, weight, bias, batched
+
+
+def _conv(op, nd, input, weight, bias, stride, padding, dilation, groups):
+    nd, x, weight, bias, batched = _operands(op, nd, input, weight, bias, "K, C/groups")
     geom = _geom(f"gpuconv.torch.{op}", x, weight, stride, padding, dilation, groups)
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"gpuconv.torch.{op}: bias must have shape ({weight.shape[0]},) (one "
@@ -677,18 +623,8 @@ conv1d, conv2d, conv3d = (_rank_conv(n) for n in (1, 2, 3))
 
 def _conv_transpose(op, nd, input, weight, bias, stride, padding, output_padding, groups,
                     dilation):
-    _check(op, input=input, weight=weight, bias=bias)
-    if nd is None:
-        nd = weight.dim() - 2
-        if nd not in (1, 2, 3):
-            raise ValueError(f"gpuconv.torch.{op}: weight must be (C_in, C_out/groups, *kernel) "
-                             f"with 1-3 kernel dims, got shape {tuple(weight.shape)}")
-    elif weight.dim() != nd + 2:
-        raise ValueError(f"gpuconv.torch.{op}: weight must be (C_in, C_out/groups, *kernel) with "
-                         f"{nd} kernel dims, got shape {tuple(weight.shape)}")
-    x, batched = _batch(op, input, nd)
-    x, weight, bias = _autocast(x, weight, bias)
-    _check_same_dtype(op, input=x, weight=weight, bias=bias)
+    nd, x, weight, bias, batched = _operands(op, nd, input, weight, bias,
+                                             "C_in, C_out/groups")
     # validates every argument and shape with gpuconv's messages; g is the matching
     # forward convolution (its output is this one's input, possibly extended)
     g, _ = geo.transpose_geometry(f"gpuconv.torch.{op}", tuple(x.shape), tuple(weight.shape),
