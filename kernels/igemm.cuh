@@ -152,12 +152,24 @@ __device__ __forceinline__ void gc_fp_taps(int* tab, const gc_fp& p, int T, int 
 // predicate; the tap table is read and the bounds checked again only when the tap
 // changes.  No division in the main loop.
 
-// A operand (the gather): thread owns GEMM row am (m-fast, so consecutive threads read
-// consecutive output positions) and reduction rows ak + (NT/BM)*i.
-template <typename T, typename I, typename A, class CFG>
-struct gc_fp_a_iter {
-  enum { E = CFG::BM * CFG::BK / CFG::NT, RS = CFG::NT / CFG::BM };
-  const T* __restrict__ src;
+// One gathered element: the storage value converted to the register type R (the SIMT
+// policy computes in the accumulate type), or the raw 16-bit pattern (the tensor-op
+// policy keeps halves as they are).
+template <typename R, typename S>
+__device__ __forceinline__ R gc_gather_read(const S* p) { return (R)gc_load(p); }
+template <>
+__device__ __forceinline__ unsigned short gc_gather_read<unsigned short, unsigned short>(
+    const unsigned short* p) { return *p; }
+
+// A operand of the forward (the gather), for both policies: thread owns GEMM row am
+// (m-fast, so consecutive threads read consecutive output positions) and reduction rows
+// ak + RS*i of each step, k = t*Cg + c (tap-major), as (t, c) digits stepped by BK with one
+// carry (no division); the tap table is read and the bounds checked only when a row's tap
+// changes, otherwise the offset moves by a fixed stride.  S: source element, R: register.
+template <typename S, typename R, typename I, int E_, int RS_, class CFG>
+struct gc_gather_a_iter {
+  enum { E = E_, RS = RS_ };
+  const S* __restrict__ src;
   I base, sp, cstep;
   int z0, y0, x0, am, ak, Cg, T_, sc, st;
   bool mvalid;
@@ -179,7 +191,7 @@ struct gc_fp_a_iter {
     }
   }
 
-  __device__ __forceinline__ void init(const T* __restrict__ s, const int* tab, const gc_fp& p,
+  __device__ __forceinline__ void init(const S* __restrict__ s, const int* tab, const gc_fp& p,
                                        int grp, I m0, I M, int k_begin, int tid) {
     src = s;
     am = tid % CFG::BM;
@@ -215,11 +227,11 @@ struct gc_fp_a_iter {
     }
   }
 
-  __device__ __forceinline__ void load(A (&r)[E], const int* tab, const gc_fp& p, int k0,
+  __device__ __forceinline__ void load(R (&r)[E], const int* tab, const gc_fp& p, int k0,
                                        int k_end) {
 #pragma unroll
     for (int i = 0; i < E; ++i) {
-      r[i] = ((ok >> i & 1u) && k0 + ak + RS * i < k_end) ? (A)gc_load(src + off[i]) : A(0);
+      r[i] = ((ok >> i & 1u) && k0 + ak + RS * i < k_end) ? gc_gather_read<R>(src + off[i]) : R(0);
       c[i] += sc;
       int tn = t[i] + st;
       if (c[i] >= Cg) { c[i] -= Cg; ++tn; }
@@ -232,11 +244,15 @@ struct gc_fp_a_iter {
     }
   }
 
-  __device__ __forceinline__ void store(A* __restrict__ As, const A (&r)[E]) const {
+  __device__ __forceinline__ void store(R* __restrict__ As, const R (&r)[E]) const {
 #pragma unroll
     for (int i = 0; i < E; ++i) As[(ak + RS * i) * CFG::LDA + am] = r[i];
   }
 };
+
+// the SIMT forward's gather (registers in the accumulate type A)
+template <typename T, typename I, typename A, class CFG>
+using gc_fp_a_iter = gc_gather_a_iter<T, A, I, CFG::BM * CFG::BK / CFG::NT, CFG::NT / CFG::BM, CFG>;
 
 // B operand (the weight): thread owns reduction row bk and GEMM columns bn + (NT/BK)*j.
 template <typename T, typename I, typename A, class CFG>
@@ -616,95 +632,10 @@ template <> struct gc_tc_mma<gc_bf16> {
   }
 };
 
-// A operand of the tensor-op forward: thread owns GEMM row am (m-fast) and reduction rows
-// ak + ARS*i of each step, k = t*Cg + c (tap-major, as gc_fp_a_iter), as (t, c) digits
-// stepped by BK with one carry (no division); the tap table is read and the bounds
-// checked only when a row's tap changes, otherwise the offset moves by a fixed stride.
+// A operand of the tensor-op forward: the same gather as the SIMT forward, moving the
+// 16-bit patterns unconverted.
 template <typename I, class CFG>
-struct gc_tc_a_iter {
-  enum { E = CFG::AE, RS = CFG::ARS };
-  const unsigned short* __restrict__ src;
-  I base, sp, cstep;
-  int z0, y0, x0, am, ak, T_, Cg, st, sc;
-  bool mvalid;
-  int c[E], t[E];
-  I off[E];
-  unsigned ok;  // bit i: row i reads (inside the source, real row, real tap)
-
-  __device__ __forceinline__ void refresh(int i, const int* tab, const gc_fp& p) {
-    ok &= ~(1u << i);
-    off[i] = 0;
-    if (mvalid && t[i] < T_) {
-      const int* e = tab + GC_TAP_INTS * t[i];
-      const int z = z0 + e[0], y = y0 + e[1], x = x0 + e[2];
-      if ((unsigned)z < (unsigned)p.SD && (unsigned)y < (unsigned)p.SH &&
-          (unsigned)x < (unsigned)p.SW)
-        ok |= 1u << i;
-      off[i] = base + (I)c[i] * sp + e[3];
-    }
-  }
-
-  __device__ __forceinline__ void init(const unsigned short* __restrict__ s, const int* tab,
-                                       const gc_fp& p, int grp, I m0, I M, int k_begin,
-                                       int tid) {
-    src = s;
-    am = tid % CFG::BM;
-    ak = tid / CFG::BM;
-    T_ = p.TD * p.TH * p.TW;
-    Cg = p.Cg;
-    sc = CFG::BK % Cg;
-    st = CFG::BK / Cg;
-    sp = (I)p.SD * p.SH * p.SW;
-    cstep = (I)sc * sp;
-    const I m = m0 + am;
-    mvalid = m < M;
-    z0 = y0 = x0 = 0;
-    base = 0;
-    if (mvalid) {
-      I r = m;
-      const int mw = (int)(r % p.MW); r /= p.MW;
-      const int mh = (int)(r % p.MH); r /= p.MH;
-      const int md = (int)(r % p.MD);
-      const I img = r / p.MD;
-      z0 = md * p.msd + p.mbd;
-      y0 = mh * p.msh + p.mbh;
-      x0 = mw * p.msw + p.mbw;
-      base = (img * p.Csrc + (I)grp * p.Cg) * sp + ((I)z0 * p.SH + y0) * p.SW + x0;
-    }
-    ok = 0;
-#pragma unroll
-    for (int i = 0; i < E; ++i) {
-      const int k = k_begin + ak + RS * i;
-      t[i] = k / Cg;
-      c[i] = k - t[i] * Cg;
-      refresh(i, tab, p);
-    }
-  }
-
-  // the 16-bit patterns of this step's rows (0 outside the source / problem), then step
-  __device__ __forceinline__ void load(unsigned short (&r)[E], const int* tab, const gc_fp& p,
-                                       int k0, int k_end) {
-#pragma unroll
-    for (int i = 0; i < E; ++i) {
-      r[i] = ((ok >> i & 1u) && k0 + ak + RS * i < k_end) ? src[off[i]] : (unsigned short)0;
-      c[i] += sc;
-      int tn = t[i] + st;
-      if (c[i] >= Cg) { c[i] -= Cg; ++tn; }
-      if (tn != t[i]) {
-        t[i] = tn;
-        refresh(i, tab, p);
-      } else {
-        off[i] += cstep;
-      }
-    }
-  }
-
-  __device__ __forceinline__ void store(unsigned short* __restrict__ As,
-                                        const unsigned short (&r)[E]) const {
-#pragma unroll
-    for (int i = 0; i < E; ++i) As[(ak + RS * i) * CFG::LDA + am] = r[i];
-  }
-};
+using gc_tc_a_iter = gc_gather_a_iter<unsigned short, unsigned short, I, CFG::AE, CFG::ARS, CFG>;
 
 // The weight reordered for the tensor-op forward: wr[(o*T + t)*Cg + c] = w[(o*Cg + c)*T + t]
 // (o over every output channel): each output channel's row becomes contiguous along the
