@@ -210,6 +210,7 @@ def collect_info():
         "kernel_cache": {"cupy": {"dir": cupy_dir, "source": cupy_dir_src},
                          "cudasim": _cudasim_cache_dir()},
         "workspace_limit_bytes": gpuconv.get_workspace_limit(),
+        "cpu_native_kernels": backends.get("numpy", {}).get("native_kernels"),
     }
 
 
@@ -268,6 +269,12 @@ def format_info(info):
     kc = info["kernel_cache"]
     lines.append(f"  cupy:    {kc['cupy']['dir']}  ({kc['cupy']['source']})")
     lines.append(f"  cudasim: {kc['cudasim'] or 'none reported by the emulator'}")
+    nk = info.get("cpu_native_kernels") or {}
+    if nk:
+        lines.append(f"  native:  {nk.get('library') or '-'}")
+        lines.append("CPU depthwise kernels: " + (
+            f"native ({nk.get('compiler')})" if nk.get("usable")
+            else f"NumPy (native kernels not usable: {nk.get('reason')})"))
     lines.append("")
     lim = info["workspace_limit_bytes"]
     lines.append(f"CPU workspace limit: {lim / 2**20:g} MiB "

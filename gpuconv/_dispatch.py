@@ -172,6 +172,9 @@ def backend_info() -> dict:
     for name in BACKENDS:
         ok, reason, details = _probe(name)
         out[name] = {"usable": ok, "reason": reason, **details}
+    # the numpy backend's compiled depthwise kernels (built here on first use)
+    from ._cpu import native
+    out["numpy"]["native_kernels"] = native.status()
     from ._precision import get_float32_precision
     return {"backends": out, "forced": requested_backend(),
             # 'high' allows TF32 on the GPU; no TF32 kernel exists yet, so float32

@@ -1,5 +1,5 @@
-"""The CPU depthwise banded-GEMM passes (forward at every stride, input grad at stride 1)
-against the float64 reference: the depthwise geometries of test_numpy_backend plus the
+"""The CPU depthwise passes -- the native compiled kernels (gpuconv/_cpu/dwconv.cpp) and the
+NumPy banded-GEMM / tap-loop passes they fall back to -- against the float64 reference: the depthwise geometries of test_numpy_backend plus the
 band's own edge cases (partial tiles, chunks split over images / channels / tiles, rows
 or columns that read only padding, kh = 1, multipliers, 1-3-D), four dtypes, hypothesis,
 the workspace limit (peak temporaries), non-contiguous inputs, inputs unchanged,
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 import gpuconv
 import gpuconv._cpu as nb
 from gpuconv import reference as ref
-from gpuconv._cpu import depthwise, workspace
+from gpuconv._cpu import depthwise, native, workspace
 from gpuconv._geometry import conv_geometry
 
 try:
@@ -53,6 +53,33 @@ def _poisoned_arenas(monkeypatch):
 
     monkeypatch.setattr(workspace, "acquire", acquire)
     monkeypatch.setattr(depthwise, "_acquire", acquire)
+
+
+@pytest.fixture(params=["native", "numpy"])
+def impl(request, monkeypatch):
+    """Run the test on the native kernels (skipped where they cannot be built: no C++
+    compiler) and on the NumPy passes; with "native", the test's calls must reach them."""
+    calls = []
+    if request.param == "native":
+        monkeypatch.setenv("GPUCONV_CPU_NATIVE", "1")
+        if native.library() is None:
+            pytest.skip(f"native CPU kernels not usable here: {native.status()['reason']}")
+        real = native.call
+        monkeypatch.setattr(native, "call", lambda *a, **k: (calls.append(a[0]), real(*a, **k)))
+    else:
+        monkeypatch.setenv("GPUCONV_CPU_NATIVE", "0")
+    yield request.param
+    if request.param == "native" and _EXPECT_NATIVE.get(request.node.nodeid, True):
+        assert calls, "the native kernels were never called"
+
+
+_EXPECT_NATIVE = {}  # node id -> False where a test's calls may all fall back
+
+
+@pytest.fixture
+def numpy_path(monkeypatch):
+    """The NumPy passes (band / tap loops), not the native kernels."""
+    monkeypatch.setenv("GPUCONV_CPU_NATIVE", "0")
 
 
 @pytest.fixture(params=["1", "2"], ids=["1thread", "2threads"])
@@ -129,7 +156,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_against_reference(name, threads):
+def test_against_reference(name, threads, impl):
     xs, ws, kw = CASES[name]
     _check(xs, ws, kw)
 
@@ -137,7 +164,7 @@ def test_against_reference(name, threads):
 @pytest.mark.parametrize("name", ["depthwise", "mult2", "7x7", "dil_asym", "conv1d", "conv3d",
                                   "strided", "partial_tile", "pad_rows"])
 @pytest.mark.parametrize("kib", [1, 6, 40])
-def test_small_workspace_chunking(name, kib, threads):
+def test_small_workspace_chunking(name, kib, threads, numpy_path):
     """Small workspaces split the chunks over channels, tiles and images."""
     nb.set_workspace_limit(kib / 1024)
     xs, ws, kw = CASES[name]
@@ -146,7 +173,7 @@ def test_small_workspace_chunking(name, kib, threads):
 
 @pytest.mark.parametrize("kw", [dict(padding=3), dict(padding=(2, 4), stride=(1, 2)),
                                 dict(padding=(4, 1), dilation=(1, 2))])
-def test_chunks_of_different_shapes(kw, threads, monkeypatch):
+def test_chunks_of_different_shapes(kw, threads, monkeypatch, numpy_path):
     """Budgets that split the images (and channels, tiles) unevenly: chunks of several
     shapes run in one worker, each with its own zero columns."""
     seen = []
@@ -170,12 +197,15 @@ def test_chunks_of_different_shapes(kw, threads, monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", ["mult2", "7x7", "strided", "conv3d", "conv1d"])
-def test_dtypes(name, dtype):
+def test_dtypes(name, dtype, request, impl):
+    if dtype not in ("float32", "float64"):  # half types take the NumPy passes
+        _EXPECT_NATIVE[request.node.nodeid] = False
     xs, ws, kw = CASES[name]
     _check(xs, ws, kw, dtype=dtype)
 
 
-def test_half_rounded_once():
+def test_half_rounded_once(impl, request):
+    _EXPECT_NATIVE[request.node.nodeid] = False
     """float16 forward = the float32 result of the float16 inputs rounded once."""
     rng = np.random.default_rng(3)
     x = rng.standard_normal((2, 4, 12, 11)).astype(np.float16)
@@ -208,7 +238,7 @@ def _views(rng, shape, kind):
 
 @pytest.mark.parametrize("kind", ["transposed", "strided", "reversed"])
 @pytest.mark.parametrize("name", ["mult2", "7x7", "strided", "conv3d"])
-def test_non_contiguous_inputs(name, kind, threads):
+def test_non_contiguous_inputs(name, kind, threads, numpy_path):
     xs, ws, kw = CASES[name]
     rng = np.random.default_rng(5)
     x, x0 = _views(rng, xs, kind)
@@ -225,7 +255,7 @@ def test_non_contiguous_inputs(name, kind, threads):
     np.testing.assert_array_equal(gy, gy0)
 
 
-def test_fresh_outputs(threads):
+def test_fresh_outputs(threads, impl):
     """Results never alias the workspace."""
     xs, ws, kw = CASES["dil_asym"]
     rng = np.random.default_rng(0)
@@ -239,7 +269,7 @@ def test_fresh_outputs(threads):
 
 
 @pytest.mark.parametrize("threads_n", ["1", "2"])
-def test_deterministic(threads_n, monkeypatch):
+def test_deterministic(threads_n, monkeypatch, impl):
     """The same call gives bitwise the same result, every time, for a given thread count."""
     monkeypatch.setenv("GPUCONV_NUM_THREADS", threads_n)
     rng = np.random.default_rng(11)
@@ -278,7 +308,8 @@ def _peak_extra(fn):
 ])
 @pytest.mark.parametrize("limit_mb", [0.25, 1.0])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_memory_bound(xs, ws, kw, limit_mb, dtype, threads):
+def test_memory_bound(xs, ws, kw, limit_mb, dtype, threads, impl, request):
+    _EXPECT_NATIVE[request.node.nodeid] = False  # small limits may fall back
     """Peak temporaries <= workspace + output (+ a cast copy of the weight, small slack)."""
     rng = np.random.default_rng(8)
     x = rng.standard_normal(xs).astype(dtype)
@@ -299,7 +330,7 @@ def test_memory_bound(xs, ws, kw, limit_mb, dtype, threads):
         assert np.all(np.isfinite(out))
 
 
-def test_band_is_used(monkeypatch):
+def test_band_is_used(monkeypatch, numpy_path):
     """Depthwise forward (any stride) and stride-1 input grad run the banded GEMM."""
     calls = []
     real = depthwise._band_pass
@@ -332,9 +363,11 @@ def _dw_case(draw):
         dtype, kib
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(_dw_case())
-def test_hypothesis_depthwise(case):
+def test_hypothesis_depthwise(impl, request, case):
+    _EXPECT_NATIVE[request.node.nodeid] = False  # half types and small limits fall back
     xs, ws, kw, dtype, kib = case
     old = nb.get_workspace_limit()
     try:

@@ -81,6 +81,7 @@ def test_wheel_contains_kernel_sources(wheel):
     if REQUIRED <= set(repo_kernel_files()):
         assert REQUIRED <= set(shipped)
     assert "gpuconv/__init__.py" in names and "gpuconv/testing/__init__.py" in names
+    assert "gpuconv/_cpu/dwconv.cpp" in names  # the native CPU kernels' source
 
 
 @pytest.mark.slow
@@ -99,8 +100,10 @@ def test_installed_wheel_lists_kernel_sources(wheel, tmp_path):
             listed = "missing: %s" % e
         pkg = sorted(p.name for p in files("gpuconv.kernels").iterdir()
                      if p.name.endswith((".cu", ".cuh")))
+        from gpuconv._cpu import native
         print(json.dumps({"file": gpuconv.__file__, "listed": listed, "package_data": pkg,
-                          "version": gpuconv.__version__}))
+                          "version": gpuconv.__version__, "native_src": str(native.SOURCE),
+                          "native_src_exists": native.SOURCE.is_file()}))
     """)
     out = json.loads(_run([str(py), "-c", probe], cwd=tmp_path).strip().splitlines()[-1])
     installed = Path(out["file"]).resolve()
@@ -114,6 +117,7 @@ def test_installed_wheel_lists_kernel_sources(wheel, tmp_path):
     else:  # the kernel sources are not written yet: the loader must say so
         assert str(out["listed"]).startswith("missing:")
     assert out["version"] == gpuconv.__version__
+    assert out["native_src_exists"] and venv.resolve() in Path(out["native_src"]).resolve().parents
 
 
 def test_in_repo_import_lists_the_same_sources():

@@ -44,7 +44,8 @@ class NumpyBackend:
         y = np.empty(g.y_shape, dtype=g.dtype)
         b = None if bias is None else np.ascontiguousarray(bias, dtype=p.cdt)
         if g.depthwise:
-            depthwise.forward_band(p, x, w, b, y)
+            if not depthwise.forward_native(p, x, w, b, y):
+                depthwise.forward_band(p, x, w, b, y)
         else:
             dense.forward(p, x, w, b, y)
         return y
@@ -53,7 +54,9 @@ class NumpyBackend:
         p = _pass(g)
         gx = np.empty(g.x_shape, dtype=g.dtype)
         if g.depthwise:
-            if all(st == 1 for st in g.stride):
+            if depthwise.input_grad_native(p, gy, w, gx):
+                pass
+            elif all(st == 1 for st in g.stride):
                 depthwise.input_grad_band(p, gy, w, gx)
             else:
                 depthwise.input_grad(p, gy, w, gx)
@@ -64,7 +67,10 @@ class NumpyBackend:
     def weight_grad(self, x, gy, g):
         p = _pass(g)
         if g.depthwise:
-            if depthwise._flat_ok(g):
+            gw = depthwise.weight_grad_native(p, x, gy)
+            if gw is not None:
+                pass
+            elif depthwise._flat_ok(g):
                 gw = depthwise.weight_grad_flat(p, x, gy)
             else:
                 gw = depthwise.weight_grad(p, x, gy)

@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from .._geometry import effective_kernel
+from . import native
 from .dense import _in_rows_for, _needs_slab, _out_rows_for, _slab, _tap_range, _taps, _view
 from .parallel import matmul as _matmul
 from .parallel import run_parallel as _run_parallel
@@ -757,3 +758,67 @@ def input_grad_band(p, gy, w, gx):
     W = np.ascontiguousarray(wf.reshape((g.C, 1, g.Kg, kernel[0], -1)), dtype=p.cdt)
     band = _Band(out_sp, in_sp, kernel, (1,) * len(kernel), dil, g.Kg, 1, _GEMM_TILE_ROWS)
     _band_pass(p, gyv, W, gxv, None, band, lo2)
+
+
+# ============================================================================ native
+# The compiled direct kernels (native.py, dwconv.cpp) for float32/float64 C-contiguous
+# operands: every pass, every stride, 1-3-D.  The work (planes n*C + c for the forward
+# and the input grad, channels for the weight grad, which sums over the images inside
+# one call) is split into contiguous ranges run by the backend's workers; each output
+# element is computed by one call in one fixed order, so results are identical for any
+# thread count.  Each worker's scratch (the zero-padded source planes of one plane of
+# work) comes from its workspace arena; where it does not fit, the NumPy passes run.
+
+def _native_run(p, pass_, total, arrays, scratch_dtype):
+    g = p.g
+    prm = native.params(g.N, g.C, 1, g.Kg, g.in_spatial, g.out_spatial, g.kernel, g.stride,
+                        g.dilation, g.pad_lo)
+    elems = native.scratch_elems(pass_, scratch_dtype, prm)
+    it = np.dtype(scratch_dtype).itemsize
+    workers = max(1, min(p.workers, total))
+    if _arena_bytes([elems * it]) > _budget(workers):
+        return False
+    n_chunks = min(total, 4 * workers)
+    bounds = [total * i // n_chunks for i in range(n_chunks + 1)]
+    chunks = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    def work(arena, _st, c):
+        arena.reset()
+        scratch = arena.take((max(1, elems),), scratch_dtype)
+        q = prm.copy()
+        q[-2:] = c
+        native.call(pass_, q, *arrays, scratch=scratch)
+
+    _run_parallel(chunks, workers, _arena_bytes([elems * it]), work)
+    return True
+
+
+def _native_weight(p, w):
+    return np.ascontiguousarray(w, dtype=p.cdt)
+
+
+def forward_native(p, x, w, b, y):
+    """True when the native kernel computed y (else nothing was written)."""
+    if p.g.Cg != 1 or native.library() is None or not native.supports(x, y) or x.dtype != p.cdt:
+        return False
+    wc = _native_weight(p, w)
+    return _native_run(p, "forward", p.g.N * p.g.C, (x, wc, b, y), p.cdt)
+
+
+def input_grad_native(p, gy, w, gx):
+    if p.g.Cg != 1 or native.library() is None or not native.supports(gy, gx) or gy.dtype != p.cdt:
+        return False
+    wc = _native_weight(p, w)
+    return _native_run(p, "input_grad", p.g.N * p.g.C, (gy, wc, gx), p.cdt)
+
+
+def weight_grad_native(p, x, gy):
+    """The weight grad (C*Kg, 1, taps) in the compute dtype, or None."""
+    if (p.g.Cg != 1 or native.library() is None or not native.supports(x, gy)
+            or x.dtype != p.cdt):
+        return None
+    g = p.g
+    gw = np.empty((g.C * g.Kg, 1, g.taps), dtype=p.cdt)
+    if not _native_run(p, "weight_grad", g.C, (x, gy, gw), p.cdt):
+        return None
+    return gw

@@ -14,17 +14,16 @@ Files are written under a temporary name and renamed, so concurrent builds are s
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import platform
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from ... import _hostcc
 from ..limits import SHARED_MEM_PER_BLOCK_OPTIN
 
 PKG_DIR = Path(__file__).resolve().parent
@@ -52,52 +51,20 @@ def compiler_command() -> str:
     return os.environ.get("GPUCONV_CUDASIM_CXX") or os.environ.get("CXX") or "g++"
 
 
-@functools.lru_cache(maxsize=None)
 def compiler_info():
     """(path, version text) of the C++ compiler, or (None, reason)."""
-    cmd = compiler_command()
-    path = shutil.which(cmd)
-    if path is None:
-        return None, f"no C++ compiler: {cmd!r} not found on PATH (set GPUCONV_CUDASIM_CXX)"
-    try:
-        out = subprocess.run([path, "-dumpfullversion", "-dumpversion"], capture_output=True,
-                             text=True, timeout=30)
-        ver = out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"
-        name = Path(path).name
-        return path, f"{name} {ver}"
-    except (OSError, subprocess.SubprocessError, IndexError) as e:
-        return None, f"C++ compiler {path} does not run: {e}"
+    return _hostcc.compiler_info(compiler_command(), "GPUCONV_CUDASIM_CXX")
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("GPUCONV_CACHE_DIR")
-    root = Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME",
-                                                       Path.home() / ".cache")) / "gpuconv"
-    d = root / "cudasim"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return _hostcc.cache_subdir("cudasim")
 
 
-def _hash(*parts) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p if isinstance(p, bytes) else str(p).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:24]
+_hash = _hostcc.content_hash
 
 
 def _run(cmd, what):
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise CudaSimCompileError(f"cudasim: {what} failed to run: {e}") from e
-    if r.returncode != 0:
-        out = (r.stderr or r.stdout).strip().splitlines()
-        if len(out) > 80:
-            out = out[:80] + [f"... ({len(out) - 80} more lines)"]
-        raise CudaSimCompileError(f"cudasim: {what} failed (exit {r.returncode}):\n"
-                                  + "\n".join(out) + f"\ncommand: {' '.join(map(str, cmd))}")
-    return r.stdout
+    return _hostcc.run_compiler(cmd, what, CudaSimCompileError, "cudasim")
 
 
 def _publish(tmp: Path, final: Path):
