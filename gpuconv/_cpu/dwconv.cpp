@@ -148,8 +148,42 @@ struct Padded : Geom {
   i64 tap(i64 kw) const { const i64 q = kw * dW; return (q % sW) * Wp + q / sW; }
 
   template <class T> void fill(const T* src, T* buf) const {
+    typedef typename Vec<T>::v V;
+    const i64 L = Vec<T>::L;
     for (i64 r = 0; r < D * H; ++r) {
       const T* s = src + r * W;
+      if (sW == 2) {  // both phases at once: even and odd lanes of pairs of vectors
+        T* b0 = buf + (r * 2) * Wp;
+        T* b1 = b0 + Wp;
+        // 2j - lW >= 0 and 2j + 1 - lW < W for j in [j0, j1): whole vectors there, each
+        // element checked at the two ends
+        const i64 j0 = (lW + 1) / 2;
+        i64 j1 = (W + lW) / 2;
+        if (j1 > Wp) j1 = Wp;
+        i64 j = 0;
+        for (; j < j0 && j < Wp; ++j) {
+          const i64 i0 = 2 * j - lW, i1 = i0 + 1;
+          b0[j] = (i0 >= 0 && i0 < W) ? s[i0] : T(0);
+          b1[j] = (i1 >= 0 && i1 < W) ? s[i1] : T(0);
+        }
+        const T* sp = s - lW;
+        for (; j + L <= j1; j += L) {
+          V a = loadu(sp + 2 * j), c = loadu(sp + 2 * j + L);
+          V ev, od;
+          for (i64 l = 0; l < L / 2; ++l) {
+            ev[l] = a[2 * l]; ev[l + L / 2] = c[2 * l];
+            od[l] = a[2 * l + 1]; od[l + L / 2] = c[2 * l + 1];
+          }
+          std::memcpy(b0 + j, &ev, sizeof ev);
+          std::memcpy(b1 + j, &od, sizeof od);
+        }
+        for (; j < Wp; ++j) {
+          const i64 i0 = 2 * j - lW, i1 = i0 + 1;
+          b0[j] = (i0 >= 0 && i0 < W) ? s[i0] : T(0);
+          b1[j] = (i1 >= 0 && i1 < W) ? s[i1] : T(0);
+        }
+        continue;
+      }
       for (i64 ph = 0; ph < sW; ++ph) {
         T* b = buf + (r * sW + ph) * Wp;
         // j*sW + ph - lW in [0, W)  <=>  j in [j0, j1)
@@ -160,9 +194,12 @@ struct Padded : Geom {
         for (i64 j = 0; j < j0; ++j) b[j] = 0;
         const T* sp = s + ph - lW;
         if (sW == 1) {
-          if (j1 > j0) std::memcpy(b + j0, sp + j0, (size_t)(j1 - j0) * sizeof(T));
-        } else if (sW == 2) {
-          for (i64 j = j0; j < j1; ++j) b[j] = sp[2 * j];
+          i64 j = j0;
+          for (; j + L <= j1; j += L) {
+            const V v = loadu(sp + j);
+            std::memcpy(b + j, &v, sizeof v);
+          }
+          for (; j < j1; ++j) b[j] = sp[j];
         } else {
           for (i64 j = j0; j < j1; ++j) b[j] = sp[j * sW];
         }

@@ -33,6 +33,15 @@ _lock = threading.Lock()
 _state = {"lib": None, "reason": None, "key": None, "path": None, "compiler": None}
 
 
+def _after_fork_in_child():
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class NativeBuildError(RuntimeError):
     """The native CPU kernels could not be built (the message holds the compiler output)."""
 
