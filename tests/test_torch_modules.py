@@ -454,10 +454,12 @@ def test_readme_pytorch_section_runs():
 
 
 def test_depthwise_gemms_run_on_pytorchs_pool(monkeypatch):
-    """The CPU depthwise band GEMM also goes through the host GEMM hook inside PyTorch
-    (so depthwise layers start no multi-threaded BLAS of their own), and stays right."""
+    """The CPU depthwise band GEMM (the NumPy passes) also goes through the host GEMM hook
+    inside PyTorch (so depthwise layers start no multi-threaded BLAS of their own), and
+    stays right."""
     import threading
     import gpuconv.torch as gt
+    monkeypatch.setenv("GPUCONV_CPU_NATIVE", "0")
     calls = []
     orig = gt._torch_gemm
 
@@ -473,3 +475,33 @@ def test_depthwise_gemms_run_on_pytorchs_pool(monkeypatch):
     y = m(x)
     assert calls and set(calls) == {threading.get_ident()}
     torch.testing.assert_close(y, native(x), rtol=1e-12, atol=1e-12)
+
+
+def test_depthwise_native_kernels_inside_pytorch(monkeypatch):
+    """With the native depthwise kernels, a depthwise layer inside PyTorch runs them in the
+    calling thread (no worker threads, no BLAS), forward and backward, and stays right."""
+    import threading
+    import gpuconv.torch as gt
+    from gpuconv._cpu import native as nat
+    monkeypatch.delenv("GPUCONV_CPU_NATIVE", raising=False)
+    if nat.library() is None:
+        pytest.skip(f"native CPU kernels not usable here: {nat.status()['reason']}")
+    calls, gemms = [], []
+    real = nat.call
+    monkeypatch.setattr(nat, "call", lambda *a, **k: (calls.append((a[0], threading.get_ident())),
+                                                      real(*a, **k)))
+    orig = gt._torch_gemm
+    monkeypatch.setattr(gt, "_torch_gemm", lambda a, b, out: (gemms.append(1), orig(a, b, out)))
+    torch.manual_seed(0)
+    ref_m = torch.nn.Conv2d(8, 16, 7, padding=3, groups=8).double()
+    m = gt.convert(copy.deepcopy(ref_m))
+    x = torch.randn(2, 8, 20, 20, dtype=torch.float64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y = m(x)
+    y.square().sum().backward()
+    ref_m(x2).square().sum().backward()
+    assert {c[0] for c in calls} == {"forward", "input_grad", "weight_grad"}
+    assert {c[1] for c in calls} == {threading.get_ident()} and not gemms
+    torch.testing.assert_close(y, ref_m(x2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.weight.grad, ref_m.weight.grad, rtol=1e-12, atol=1e-12)

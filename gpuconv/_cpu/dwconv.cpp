@@ -26,6 +26,7 @@
 //
 // Parameters: one int64 array p (P_* below).
 #include <algorithm>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -465,62 +466,93 @@ static int input_grad(const i64* p, const T* gy, const T* w, T* gx, T* scratch,
 }
 
 // ------------------------------------------------------------------ weight grad
-// Per tap: sum over the rows that read the source of gy_row . x_row (shifted); vector
-// partial sums over full vectors of the row, a scalar one over the last < L columns (so
-// columns past the output never enter a sum), reduced once per tap and image in a fixed
-// order and accumulated over the images in double.
+// Per image and output channel, the rows of gy are read in column chunks of up to 8
+// vectors held in registers; for each tap whose source row exists, the chunk's dot
+// product with the shifted source row is added to that tap's vector accumulator (one
+// load and one FMA per vector and tap, the taps independent).  The last vector of a row
+// is masked on both operands, so columns past the output never enter a sum.  A tap on a
+// padding row adds z = sum_j gy_row[j] * 0 (0, or NaN where the row holds inf/NaN:
+// padding is a multiplied zero, as in the reference).  Per image, each tap's lanes are
+// reduced in a fixed order and summed over the images in double.
+template <class T> static i64 wg_reach(const i64* p) { return rup(p[P_YW], Vec<T>::L); }
+
 template <class T>
 static i64 wgrad_scratch(const i64* p) {
-  Padded f(p, p[P_YW]);
+  Padded f(p, wg_reach<T>(p));
   return f.Ks * f.plane;
 }
 
-// z[row] = sum_j gy_row[j] * 0: 0, or NaN where the row holds inf / NaN -- what a row of
-// padding contributes to a tap's sum (as in the reference: padding is a multiplied zero)
-template <class T>
-static double tap_sum(const Padded& f, const T* yp, const T* z, const T* xs, i64 kd, i64 kh,
-                      i64 kw) {
+template <class T> struct Mask;
+template <> struct Mask<float> { typedef int32_t m __attribute__((vector_size(32))); };
+template <> struct Mask<double> { typedef int64_t m __attribute__((vector_size(32))); };
+
+// acc[idx[t]] += sum over the chunk's columns of g[j] * (base + off[t])[j]; the chunk is
+// NV vectors, the last with `last` valid lanes
+template <class T, int NV>
+static void wg_block(const T* g, const T* base, const i64* off, const i64* idx, i64 nt,
+                     typename Vec<T>::v* acc, int last) {
   typedef typename Vec<T>::v V;
+  typedef typename Mask<T>::m M;
   const int L = Vec<T>::L;
-  V acc[4] = {V{}, V{}, V{}, V{}};
-  T tail = 0;
-  const i64 OW = f.OW, full = OW / L * L;
-  const i64 tw = f.tap(kw);
-  for (i64 od = 0; od < f.OD; ++od) {
-    const i64 id = od * f.sD + kd * f.dD - f.lD;
-    for (i64 oh = 0; oh < f.OH; ++oh) {
-      const i64 ih = oh * f.sH + kh * f.dH - f.lH;
-      if (id < 0 || id >= f.D || ih < 0 || ih >= f.H) {
-        tail += z[od * f.OH + oh];
-        continue;
-      }
-      const T* a = yp + (od * f.OH + oh) * OW;
-      const T* b = xs + f.at(id, ih, 0) + tw;
-      i64 j = 0;
-      for (; j + 4 * L <= full; j += 4 * L)
-        for (int v = 0; v < 4; ++v) acc[v] += loadu(a + j + v * L) * loadu(b + j + v * L);
-      for (; j < full; j += L) acc[0] += loadu(a + j) * loadu(b + j);
-      for (; j < OW; ++j) tail += a[j] * b[j];
-    }
+  V gv[NV];
+  for (int v = 0; v < NV - 1; ++v) gv[v] = loadu(g + v * L);
+  T tmp[L];
+  for (int l = 0; l < L; ++l) tmp[l] = l < last ? g[(NV - 1) * L + l] : T(0);
+  gv[NV - 1] = loadu(tmp);
+  M lane;
+  for (int l = 0; l < L; ++l) lane[l] = l;
+  const M keep = lane < (typename std::remove_reference<decltype(lane[0])>::type)last;
+  for (i64 t = 0; t < nt; ++t) {
+    const T* q = base + off[t];
+    V a = acc[idx[t]];
+    for (int v = 0; v < NV - 1; ++v) a += gv[v] * loadu(q + v * L);
+    const V xl = loadu(q + (NV - 1) * L);
+    a += gv[NV - 1] * (keep ? xl : V{});
+    acc[idx[t]] = a;
   }
-  T lanes[4 * L];
-  std::memcpy(lanes, acc, sizeof lanes);
-  double s = 0;
-  for (int l = 0; l < 4 * L; ++l) s += (double)lanes[l];
-  return s + (double)tail;
+}
+
+template <class T>
+static void wg_any(int nv, const T* g, const T* base, const i64* off, const i64* idx, i64 nt,
+                   typename Vec<T>::v* acc, int last) {
+  switch (nv) {
+    case 1: wg_block<T, 1>(g, base, off, idx, nt, acc, last); break;
+    case 2: wg_block<T, 2>(g, base, off, idx, nt, acc, last); break;
+    case 3: wg_block<T, 3>(g, base, off, idx, nt, acc, last); break;
+    case 4: wg_block<T, 4>(g, base, off, idx, nt, acc, last); break;
+    case 5: wg_block<T, 5>(g, base, off, idx, nt, acc, last); break;
+    case 6: wg_block<T, 6>(g, base, off, idx, nt, acc, last); break;
+    case 7: wg_block<T, 7>(g, base, off, idx, nt, acc, last); break;
+    default: wg_block<T, 8>(g, base, off, idx, nt, acc, last); break;
+  }
 }
 
 // groups [begin, end): gw[g*Ko + ko, ks, tap] summed over every image in order
 template <class T>
 static int weight_grad(const i64* p, const T* x, const T* gy, T* gw, T* scratch,
                        i64 scratch_elems) {
-  Padded f(p, p[P_YW]);
+  typedef typename Vec<T>::v V;
+  const int L = Vec<T>::L;
+  Padded f(p, wg_reach<T>(p));
   if (scratch_elems < f.Ks * f.plane) return -1;
-  const i64 taps = f.taps();
+  const i64 taps = f.taps(), nT = f.Ks * taps;
   const i64 Cx = f.G * f.Ks, Cy = f.G * f.Ko;
   const i64 xplane = f.D * f.H * f.W, yplane = f.OD * f.OH * f.OW;
-  std::vector<double> acc((size_t)(f.Ko * f.Ks * taps));
-  std::vector<T> z((size_t)(f.OD * f.OH));
+  std::vector<double> acc((size_t)(f.Ko * nT));
+  std::vector<V> vacc((size_t)nT + 1);
+  std::vector<T> ztail((size_t)nT + 1);
+  std::vector<i64> rel((size_t)nT + 1), all((size_t)nT + 1), off((size_t)nT + 1),
+      idx((size_t)nT + 1);
+  {
+    i64 t = 0;
+    for (i64 ks = 0; ks < f.Ks; ++ks)
+      for (i64 kd = 0; kd < f.KD; ++kd)
+        for (i64 kh = 0; kh < f.KH; ++kh)
+          for (i64 kw = 0; kw < f.KW; ++kw) {
+            all[(size_t)t] = t;
+            rel[(size_t)t++] = ks * f.plane + f.at(kd * f.dD, kh * f.dH, 0) + f.tap(kw);
+          }
+  }
   for (i64 g = p[P_BEGIN]; g < p[P_END]; ++g) {
     std::fill(acc.begin(), acc.end(), 0.0);
     for (i64 n = 0; n < f.N; ++n) {
@@ -528,20 +560,57 @@ static int weight_grad(const i64* p, const T* x, const T* gy, T* gw, T* scratch,
         f.fill(x + (n * Cx + g * f.Ks + ks) * xplane, scratch + ks * f.plane);
       for (i64 ko = 0; ko < f.Ko; ++ko) {
         const T* yp = gy + (n * Cy + g * f.Ko + ko) * yplane;
-        for (i64 r = 0; r < f.OD * f.OH; ++r) {
-          T zr = 0;
-          for (i64 j = 0; j < f.OW; ++j) zr += yp[r * f.OW + j] * T(0);
-          z[(size_t)r] = zr;
+        std::fill(vacc.begin(), vacc.end(), V{});
+        std::fill(ztail.begin(), ztail.end(), T(0));
+        for (i64 od = 0; od < f.OD; ++od) {
+          const i64 id0 = od * f.sD - f.lD;
+          const bool din = id0 >= 0 && id0 + (f.KD - 1) * f.dD < f.D;
+          for (i64 oh = 0; oh < f.OH; ++oh) {
+            const i64 ih0 = oh * f.sH - f.lH;
+            const T* gr = yp + (od * f.OH + oh) * f.OW;
+            const T* base;
+            const i64 *o, *ix;
+            i64 nt;
+            if (din && ih0 >= 0 && ih0 + (f.KH - 1) * f.dH < f.H) {
+              base = scratch + f.at(id0, ih0, 0);
+              o = rel.data(); ix = all.data(); nt = nT;
+            } else {  // a border row: taps on padding rows take z instead
+              T zr = 0;
+              for (i64 j = 0; j < f.OW; ++j) zr += gr[j] * T(0);
+              nt = 0;
+              i64 t = 0;
+              for (i64 ks = 0; ks < f.Ks; ++ks)
+                for (i64 kd = 0; kd < f.KD; ++kd) {
+                  const i64 id = id0 + kd * f.dD;
+                  for (i64 kh = 0; kh < f.KH; ++kh) {
+                    const i64 ih = ih0 + kh * f.dH;
+                    const bool in = id >= 0 && id < f.D && ih >= 0 && ih < f.H;
+                    for (i64 kw = 0; kw < f.KW; ++kw, ++t) {
+                      if (!in) { ztail[(size_t)t] += zr; continue; }
+                      off[(size_t)nt] = ks * f.plane + f.at(id, ih, 0) + f.tap(kw);
+                      idx[(size_t)nt++] = t;
+                    }
+                  }
+                }
+              base = scratch; o = off.data(); ix = idx.data();
+            }
+            for (i64 c0 = 0; c0 < f.OW; c0 += 8 * L) {
+              const i64 cols = std::min<i64>(f.OW - c0, 8 * L);
+              const int nv = (int)((cols + L - 1) / L);
+              wg_any<T>(nv, gr + c0, base + c0, o, ix, nt, vacc.data(), (int)(cols - (nv - 1) * L));
+            }
+          }
         }
-        i64 t = ko * f.Ks * taps;
-        for (i64 ks = 0; ks < f.Ks; ++ks)
-          for (i64 kd = 0; kd < f.KD; ++kd)
-            for (i64 kh = 0; kh < f.KH; ++kh)
-              for (i64 kw = 0; kw < f.KW; ++kw)
-                acc[(size_t)t++] += tap_sum(f, yp, z.data(), scratch + ks * f.plane, kd, kh, kw);
+        for (i64 t = 0; t < nT; ++t) {
+          T lanes[L];
+          std::memcpy(lanes, &vacc[(size_t)t], sizeof lanes);
+          double sum = 0;
+          for (int l = 0; l < L; ++l) sum += (double)lanes[l];
+          acc[(size_t)(ko * nT + t)] += sum + (double)ztail[(size_t)t];
+        }
       }
     }
-    T* out = gw + g * f.Ko * f.Ks * taps;
+    T* out = gw + g * f.Ko * nT;
     for (size_t i = 0; i < acc.size(); ++i) out[i] = (T)acc[i];
   }
   return 0;
