@@ -21,12 +21,13 @@ signature, and launches past the time limit are exceptions naming the kernel,
 block, thread and source line.  See ``SCHEDULES`` and the error classes below.
 """
 from ._build import CudaSimCompileError, cache_dir
-from ._runtime import (SCHEDULES, AsyncCopyError, CudaSimError, KernelCrashError,
+from ._runtime import (SCHEDULES, AsyncCopyError, BankCounts, CudaSimError, KernelCrashError,
                        KernelTimeoutError, Kernel, LaunchArgumentError, LaunchConfigError,
                        MemoryAccessError, MmaOperandError, Module, SimRuntime, SyncError,
-                       WarpSyncError, probe)
+                       WarpSyncError, count_bank_conflicts, probe)
 
 __all__ = ["probe", "SimRuntime", "SCHEDULES", "Kernel", "Module", "CudaSimError",
            "CudaSimCompileError", "LaunchArgumentError", "LaunchConfigError", "SyncError",
            "WarpSyncError", "MemoryAccessError", "KernelTimeoutError", "KernelCrashError",
-           "AsyncCopyError", "MmaOperandError", "cache_dir"]
+           "AsyncCopyError", "MmaOperandError", "cache_dir", "count_bank_conflicts",
+           "BankCounts"]

@@ -110,6 +110,8 @@ def _runtime_lib():
             lib.cudasim_module_tls.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
                                                ctypes.POINTER(ctypes.c_ulonglong))
             lib.cudasim_module_tls.restype = ctypes.c_int
+            lib.cudasim_ldsm_stats.argtypes = (ctypes.POINTER(ctypes.c_ulonglong),)
+            lib.cudasim_ldsm_stats.restype = None
             _rt_lib = lib
         return _rt_lib
 
@@ -482,6 +484,8 @@ def _launch(fn, grid, block, shared_mem, argv_holder, buffers, sched, seed, time
             for mm in readonly.values():
                 _memory.protect_data(mm, writable=False)
             code = lib.cudasim_launch(ctypes.byref(desc), ctypes.byref(err))
+            if _bank_collectors:
+                _record_banks(lib, fn, grid, block)
         finally:
             for mm in readonly.values():
                 _memory.protect_data(mm, writable=True)
@@ -501,6 +505,47 @@ def _launch(fn, grid, block, shared_mem, argv_holder, buffers, sched, seed, time
                     f"cudasim: {ctx.head()}: out-of-bounds write before the start of {p.label()} "
                     f"({mm.label}) at byte offset(s) {bad[:8]} relative to its first element "
                     f"(found after the launch; block and thread unknown)")
+
+
+# ---------------------------------------------------------------------------- bank counts
+_bank_collectors: list = []
+
+
+class BankCounts(list):
+    """Per launch, the shared-memory wavefronts of its ldmatrix instructions (one dict a
+    launch: kernel, grid, block, ldmatrix, phases, wavefronts, worst_ways, worst_at).
+    A phase (one 8x8 matrix: 8 rows of 16 bytes) is conflict-free when it takes one
+    wavefront; ``conflicts`` is the wavefronts over the ideal, summed over the launches."""
+
+    @property
+    def conflicts(self) -> int:
+        return sum(r["wavefronts"] - r["phases"] for r in self)
+
+    def worst(self):
+        return max(self, key=lambda r: r["worst_ways"], default=None)
+
+
+class count_bank_conflicts:
+    """Context manager: collect :class:`BankCounts` for every emulated launch inside it."""
+
+    def __enter__(self):
+        self.counts = BankCounts()
+        _bank_collectors.append(self.counts)
+        return self.counts
+
+    def __exit__(self, *exc):
+        _bank_collectors.remove(self.counts)
+
+
+def _record_banks(lib, fn, grid, block):
+    out = (ctypes.c_ulonglong * 5)()
+    lib.cudasim_ldsm_stats(out)
+    n, phases, wf, ways, line = list(out)
+    rec = {"kernel": fn.name, "grid": tuple(grid), "block": tuple(block), "ldmatrix": n,
+           "phases": phases, "wavefronts": wf, "worst_ways": ways,
+           "worst_at": fn.module.where(int(line)) if n else None}
+    for c in _bank_collectors:
+        c.append(rec)
 
 
 class _Context:

@@ -649,10 +649,46 @@ bool resolve_mma_(int base, int op, int line) {
   return true;
 }
 
+// Shared-memory bank accounting of ldmatrix (what the hardware serialises): each 8x8
+// matrix is one phase of 8 row reads of 16 bytes; shared memory has 32 banks of 4 bytes,
+// so a row covers the 4 banks of its 16-byte group (offset / 16) % 8, and a phase takes
+// as many wavefronts as the most distinct rows sharing one group (rows at the same
+// address are one read, broadcast).  Counted per launch; the worst instruction is kept.
+struct LdsmStats {
+  unsigned long long instr, phases, wavefronts;
+  int worst_line, worst_ways;
+};
+LdsmStats g_ldsm_stats;
+
+void count_ldsm_banks(const size_t* off, int nmat, int line) {
+  g_ldsm_stats.instr += 1;
+  for (int i = 0; i < nmat; ++i) {
+    int ways = 0;
+    for (int g = 0; g < 8; ++g) {
+      int n = 0;
+      for (int j = 0; j < 8; ++j) {
+        const size_t a = off[8 * i + j];
+        if ((int)((a >> 4) & 7) != g) continue;
+        bool dup = false;  // the same 16 bytes as an earlier row: broadcast
+        for (int k = 0; k < j; ++k) dup = dup || off[8 * i + k] == a;
+        n += !dup;
+      }
+      ways = n > ways ? n : ways;
+    }
+    g_ldsm_stats.phases += 1;
+    g_ldsm_stats.wavefronts += (unsigned long long)ways;
+    if (ways > g_ldsm_stats.worst_ways) {
+      g_ldsm_stats.worst_ways = ways;
+      g_ldsm_stats.worst_line = line;
+    }
+  }
+}
+
 bool resolve_ldsm(int base, int op, int line) {
   const int nmat = ldsm_nmat(op);
   const bool trans = ldsm_trans(op);
   unsigned short rows[4][8][8];
+  size_t row_off[32];
   for (int i = 0; i < nmat; ++i)
     for (int j = 0; j < 8; ++j) {
       Fiber& o = g_fibers[base + 8 * i + j];
@@ -685,7 +721,12 @@ bool resolve_ldsm(int base, int op, int line) {
         return false;
       }
       memcpy(rows[i][j], p, 16);
+      size_t o16;
+      const char* w16;
+      smem_where(p, 16, &o16, &w16);
+      row_off[8 * i + j] = o16;
     }
+  count_ldsm_banks(row_off, nmat, line);
   for (int l = 0; l < 32; ++l) {
     g_running = &g_fibers[base + l];  // a fault writing r[] is this lane's
     unsigned int* r = ((LdsmFrame*)(uintptr_t)g_fibers[base + l].val)->r;
@@ -1350,6 +1391,15 @@ bool run_block() {
 
 }  // namespace
 
+// out[0..4]: ldmatrix instructions, phases, wavefronts, worst ways, its source line
+extern "C" __attribute__((visibility("default"))) void cudasim_ldsm_stats(unsigned long long* out) {
+  out[0] = g_ldsm_stats.instr;
+  out[1] = g_ldsm_stats.phases;
+  out[2] = g_ldsm_stats.wavefronts;
+  out[3] = (unsigned long long)g_ldsm_stats.worst_ways;
+  out[4] = (unsigned long long)g_ldsm_stats.worst_line;
+}
+
 extern "C" __attribute__((visibility("default"))) int cudasim_abi_version(void) {
   return CUDASIM_ABI_VERSION;
 }
@@ -1359,6 +1409,7 @@ extern "C" __attribute__((visibility("default"))) int cudasim_launch(const cudas
   memset(err, 0, sizeof *err);
   err->access = -1;
   g_desc = d;
+  memset(&g_ldsm_stats, 0, sizeof g_ldsm_stats);
   g_err = err;
   unsigned long long nthreads = (unsigned long long)d->block[0] * d->block[1] * d->block[2];
   if (nthreads == 0 || nthreads > 1024) {
