@@ -147,6 +147,25 @@ struct Padded : Geom {
   }
   i64 at(i64 id, i64 ih, i64 ph) const { return ((id * H + ih) * sW + ph) * Wp; }
   i64 tap(i64 kw) const { const i64 q = kw * dW; return (q % sW) * Wp + q / sW; }
+  // the output row whose taps start at source row (id0, ih0) has all its taps inside
+  bool interior(i64 id0, i64 ih0) const {
+    return id0 >= 0 && id0 + (KD - 1) * dD < D && ih0 >= 0 && ih0 + (KH - 1) * dH < H;
+  }
+  // every tap of that row in the weight's order (ks, kd, kh, kw): fn(t, kw, in, off), with
+  // in = its source row exists and off = where it starts in the padded planes
+  template <class F> void row_taps(i64 id0, i64 ih0, F fn) const {
+    i64 t = 0;
+    for (i64 ks = 0; ks < Ks; ++ks)
+      for (i64 kd = 0; kd < KD; ++kd) {
+        const i64 id = id0 + kd * dD;
+        for (i64 kh = 0; kh < KH; ++kh) {
+          const i64 ih = ih0 + kh * dH;
+          const bool in = id >= 0 && id < D && ih >= 0 && ih < H;
+          for (i64 kw = 0; kw < KW; ++kw, ++t)
+            fn(t, kw, in, in ? ks * plane + at(id, ih, 0) + tap(kw) : i64(0));
+        }
+      }
+  }
 
   template <class T> void fill(const T* src, T* buf) const {
     typedef typename Vec<T>::v V;
@@ -255,28 +274,18 @@ static int forward(const i64* p, const T* x, const T* w, const T* bias, T* y, T*
       T* yp = y + (n * Cy + oc) * yplane;
       for (i64 od = 0; od < f.OD; ++od) {
         const i64 id0 = od * f.sD - f.lD;
-        const bool din = id0 >= 0 && id0 + (f.KD - 1) * f.dD < f.D;
         for (i64 oh = 0; oh < f.OH; ++oh) {
           const i64 ih0 = oh * f.sH - f.lH;
           T* out = yp + (od * f.OH + oh) * f.OW;
-          if (din && ih0 >= 0 && ih0 + (f.KH - 1) * f.dH < f.H) {
+          if (f.interior(id0, ih0)) {
             row_any<T>(nv, scratch + f.at(id0, ih0, 0), rel.data(), wk, nT, b, out, f.OW, 1);
             continue;
           }
-          i64 nt = 0;  // a border row: taps on padding rows read the zero row
-          for (i64 ks = 0; ks < f.Ks; ++ks)
-            for (i64 kd = 0; kd < f.KD; ++kd) {
-              const i64 id = id0 + kd * f.dD;
-              for (i64 kh = 0; kh < f.KH; ++kh) {
-                const i64 ih = ih0 + kh * f.dH;
-                const bool in = id >= 0 && id < f.D && ih >= 0 && ih < f.H;
-                for (i64 kw = 0; kw < f.KW; ++kw) {
-                  off[nt++] = in ? ks * f.plane + f.at(id, ih, 0) + f.tap(kw)
-                                 : zero + (kw * f.dW) / f.sW;
-                }
-              }
-            }
-          row_any<T>(nv, scratch, off.data(), wk, nt, b, out, f.OW, 1);
+          // a border row: taps on padding rows read the zero row
+          f.row_taps(id0, ih0, [&](i64 t, i64 kw, bool in, i64 o) {
+            off[(size_t)t] = in ? o : zero + (kw * f.dW) / f.sW;
+          });
+          row_any<T>(nv, scratch, off.data(), wk, nT, b, out, f.OW, 1);
         }
       }
     }
@@ -564,34 +573,27 @@ static int weight_grad(const i64* p, const T* x, const T* gy, T* gw, T* scratch,
         std::fill(ztail.begin(), ztail.end(), T(0));
         for (i64 od = 0; od < f.OD; ++od) {
           const i64 id0 = od * f.sD - f.lD;
-          const bool din = id0 >= 0 && id0 + (f.KD - 1) * f.dD < f.D;
           for (i64 oh = 0; oh < f.OH; ++oh) {
             const i64 ih0 = oh * f.sH - f.lH;
             const T* gr = yp + (od * f.OH + oh) * f.OW;
             const T* base;
             const i64 *o, *ix;
             i64 nt;
-            if (din && ih0 >= 0 && ih0 + (f.KH - 1) * f.dH < f.H) {
+            if (f.interior(id0, ih0)) {
               base = scratch + f.at(id0, ih0, 0);
               o = rel.data(); ix = all.data(); nt = nT;
             } else {  // a border row: taps on padding rows take z instead
               T zr = 0;
               for (i64 j = 0; j < f.OW; ++j) zr += gr[j] * T(0);
               nt = 0;
-              i64 t = 0;
-              for (i64 ks = 0; ks < f.Ks; ++ks)
-                for (i64 kd = 0; kd < f.KD; ++kd) {
-                  const i64 id = id0 + kd * f.dD;
-                  for (i64 kh = 0; kh < f.KH; ++kh) {
-                    const i64 ih = ih0 + kh * f.dH;
-                    const bool in = id >= 0 && id < f.D && ih >= 0 && ih < f.H;
-                    for (i64 kw = 0; kw < f.KW; ++kw, ++t) {
-                      if (!in) { ztail[(size_t)t] += zr; continue; }
-                      off[(size_t)nt] = ks * f.plane + f.at(id, ih, 0) + f.tap(kw);
-                      idx[(size_t)nt++] = t;
-                    }
-                  }
+              f.row_taps(id0, ih0, [&](i64 t, i64, bool in, i64 o) {
+                if (!in) {
+                  ztail[(size_t)t] += zr;
+                  return;
                 }
+                off[(size_t)nt] = o;
+                idx[(size_t)nt++] = t;
+              });
               base = scratch; o = off.data(); ix = idx.data();
             }
             for (i64 c0 = 0; c0 < f.OW; c0 += 8 * L) {
