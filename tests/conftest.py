@@ -154,3 +154,34 @@ def array_type(backend):
         import cupy
         return cupy.ndarray
     return np.ndarray
+
+
+# --------------------------------------------------------------------- the emulated CUDA backend
+@pytest.fixture(scope="module")
+def sim_backend():
+    """A CUDA backend on the emulator runtime (one per test module); ``be.called`` lists
+    the entry points it fetched, in order, so tests can check which kernels ran."""
+    if "cudasim" not in gpuconv.available_backends():
+        pytest.skip(gpuconv.backend_info()["backends"]["cudasim"]["reason"])
+    from gpuconv._cuda.backend import CudaBackend
+    from gpuconv.testing.cudasim import SimRuntime
+    be = CudaBackend(SimRuntime())
+    called = []
+    orig = be.modules.function
+
+    def spy(pass_name, name):
+        called.append(name)
+        return orig(pass_name, name)
+
+    be.modules.function = spy
+    be.called = called
+    return be
+
+
+def np_dtype(name):
+    """The NumPy dtype of a dtype name; bfloat16 needs ml_dtypes (skips without it).
+    Test modules import it with ``from conftest import np_dtype``."""
+    if name == "bfloat16":
+        ml = pytest.importorskip("ml_dtypes")
+        return np.dtype(ml.bfloat16)
+    return np.dtype(name)

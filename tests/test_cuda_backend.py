@@ -9,41 +9,16 @@ small data.
 import numpy as np
 import pytest
 
-import gpuconv
 from gpuconv._runtimes import limits as K
 from gpuconv import reference as ref
-from gpuconv._cuda.backend import CudaBackend
 from gpuconv._cuda.plans import use_tiled
 from gpuconv._geometry import dgrad_as_forward
 from gpuconv._geometry import conv_geometry
 from gpuconv.testing import assert_close
 
+from conftest import np_dtype
+
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
-
-
-@pytest.fixture(scope="module")
-def sim_backend():
-    if "cudasim" not in gpuconv.available_backends():
-        pytest.skip(gpuconv.backend_info()["backends"]["cudasim"]["reason"])
-    from gpuconv.testing.cudasim import SimRuntime
-    be = CudaBackend(SimRuntime())
-    called = []
-    orig = be.modules.function
-
-    def spy(pass_name, name):
-        called.append(name)
-        return orig(pass_name, name)
-
-    be.modules.function = spy
-    be.called = called
-    return be
-
-
-def _np_dtype(name):
-    if name == "bfloat16":
-        ml = pytest.importorskip("ml_dtypes")
-        return np.dtype(ml.bfloat16)
-    return np.dtype(name)
 
 
 # geometries small enough for the emulator, each with an awkward feature
@@ -73,7 +48,7 @@ def test_every_entry_point_every_schedule(sim_backend, monkeypatch, dtype, algo,
     """cap=3: grid-stride kernels get at most 3 blocks, so their loops run many passes
     (on a GPU that happens past 524,280 blocks' worth of work)."""
     be = sim_backend
-    dt = _np_dtype(dtype)
+    dt = np_dtype(dtype)
     monkeypatch.setenv("GPUCONV_CUDA_ALGO", algo)
     monkeypatch.setattr(be.rt, "max_blocks_1d", 3 if cap == "3" else K.MAX_BLOCKS_1D,
                         raising=False)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import gpuconv
 from gpuconv import reference as ref
-from gpuconv._cuda.backend import CudaBackend
 from gpuconv._geometry import conv_geometry
 from gpuconv.testing import assert_close
 
@@ -31,14 +29,6 @@ BOUNDS = {
     # channels (forward M, weight-grad M) and C*taps = 72 (weight-grad N)
     "2d-two-tiles": ((2, 8, 4, 5), (70, 8, 3, 3), dict(padding=1)),
 }
-
-
-@pytest.fixture(scope="module")
-def sim_backend():
-    if "cudasim" not in gpuconv.available_backends():
-        pytest.skip(gpuconv.backend_info()["backends"]["cudasim"]["reason"])
-    from gpuconv.testing.cudasim import SimRuntime
-    return CudaBackend(SimRuntime())
 
 
 @pytest.mark.parametrize("index", ["32", "64"])

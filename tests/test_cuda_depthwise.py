@@ -13,41 +13,16 @@ import os
 import numpy as np
 import pytest
 
-import gpuconv
 from gpuconv import reference as ref
 from gpuconv._cuda import depthwise as dw
-from gpuconv._cuda.backend import CudaBackend
 from gpuconv._geometry import conv_geometry, dgrad_as_forward
 from gpuconv._runtimes import limits as L
 from gpuconv.testing import assert_close
 
+from conftest import np_dtype
+
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 SUF = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
-
-
-@pytest.fixture(scope="module")
-def sim_backend():
-    if "cudasim" not in gpuconv.available_backends():
-        pytest.skip(gpuconv.backend_info()["backends"]["cudasim"]["reason"])
-    from gpuconv.testing.cudasim import SimRuntime
-    be = CudaBackend(SimRuntime())
-    called = []
-    orig = be.modules.function
-
-    def spy(pass_name, name):
-        called.append(name)
-        return orig(pass_name, name)
-
-    be.modules.function = spy
-    be.called = called
-    return be
-
-
-def _np_dtype(name):
-    if name == "bfloat16":
-        ml = pytest.importorskip("ml_dtypes")
-        return np.dtype(ml.bfloat16)
-    return np.dtype(name)
 
 
 # each case: (x shape, w shape, kwargs), depthwise-like (groups > 1, C/G <= 4, K/G <= 8)
@@ -111,7 +86,7 @@ def test_every_depthwise_entry_point_every_schedule(sim_backend, monkeypatch, dt
                                                     schedule, cap):
     """cap=3: the plane loops (grid-stride over planes / weight planes) run many passes."""
     be = sim_backend
-    dt = _np_dtype(dtype)
+    dt = np_dtype(dtype)
     monkeypatch.setenv("GPUCONV_CUDA_ALGO", "auto")
     monkeypatch.setattr(be.rt, "max_blocks_1d", 3 if cap == "3" else L.MAX_BLOCKS_1D,
                         raising=False)

@@ -12,41 +12,16 @@ import os
 import numpy as np
 import pytest
 
-import gpuconv
 from gpuconv import reference as ref
 from gpuconv._cuda import igemm as IG
-from gpuconv._cuda.backend import CudaBackend
 from gpuconv._cuda.plans import use_igemm
 from gpuconv._geometry import conv_geometry
 from gpuconv.testing import assert_close
 
+from conftest import np_dtype
+
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 SUFFIX = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
-
-
-@pytest.fixture(scope="module")
-def sim_backend():
-    if "cudasim" not in gpuconv.available_backends():
-        pytest.skip(gpuconv.backend_info()["backends"]["cudasim"]["reason"])
-    from gpuconv.testing.cudasim import SimRuntime
-    be = CudaBackend(SimRuntime())
-    called = []
-    orig = be.modules.function
-
-    def spy(pass_name, name):
-        called.append(name)
-        return orig(pass_name, name)
-
-    be.modules.function = spy
-    be.called = called
-    return be
-
-
-def _np_dtype(name):
-    if name == "bfloat16":
-        ml = pytest.importorskip("ml_dtypes")
-        return np.dtype(ml.bfloat16)
-    return np.dtype(name)
 
 
 # small enough for the emulator, each with an awkward feature
@@ -114,7 +89,7 @@ def _run_cases(be, dt, schedule, cases, seed0=0):
 def test_every_engine_entry_point_every_schedule(sim_backend, igemm_env, dtype, cfg, index,
                                                  splits, schedule):
     be = sim_backend
-    dt = _np_dtype(dtype)
+    dt = np_dtype(dtype)
     igemm_env(cfg, index, splits)
     be.called.clear()
     _run_cases(be, dt, schedule, CASES)

@@ -15,7 +15,8 @@ from gpuconv._cuda import plans
 from gpuconv._geometry import conv_geometry
 from gpuconv.testing import assert_close
 
-from test_igemm import CASES, SUFFIX, _data, _np_dtype, igemm_env, sim_backend  # noqa: F401
+from conftest import np_dtype
+from test_igemm import CASES, SUFFIX, _data, igemm_env  # noqa: F401
 
 HALF = ["float16", "bfloat16"]
 # extra forward cases: C*taps % 8 == 0 (16-byte copies), % 4 (8-byte), % 2 (4-byte), odd;
@@ -52,7 +53,7 @@ def _run_forward(be, dt, schedule, cases, seed0=0):
 def test_tensor_op_forward_every_entry_point_every_schedule(sim_backend, igemm_env, dtype,
                                                             cfg, index, splits, schedule):
     be = sim_backend
-    dt = _np_dtype(dtype)
+    dt = np_dtype(dtype)
     igemm_env(cfg, index, splits)
     be.called.clear()
     _run_forward(be, dt, schedule, {**CASES, **TC_CASES})
@@ -67,7 +68,7 @@ def test_tensor_op_forward_every_entry_point_every_schedule(sim_backend, igemm_e
 
 def test_selection_half_types_default_to_tensor_ops(sim_backend, monkeypatch):
     be = sim_backend
-    dt = _np_dtype("float16")
+    dt = np_dtype("float16")
     xs, ws, kw = TC_CASES["c16-3x3"]
     g = conv_geometry("t", xs, ws, dtype=dt, **kw)
     x, w, b, _ = _data(g, dt, 1)
@@ -116,7 +117,7 @@ TC_BUGS = {
 
 @pytest.fixture(scope="module")
 def bug_data():
-    dt = _np_dtype("float16")
+    dt = np_dtype("float16")
     xs, ws, kw = BUG_CASE
     g = conv_geometry("t", xs, ws, dtype=dt, **kw)
     x, w, b, _ = _data(g, dt, 9)
