@@ -2,14 +2,18 @@
 //   gpuconv_igemm_fp_<t>_<cfg>_<i>     forward, and each stride phase of the input grad
 //   gpuconv_igemm_wg_<t>_<cfg>_<i>     weight grad, split-K pass 1 (partial sums)
 //   gpuconv_igemm_reduce_<t>           fixed-order split-K sum (+ bias, one rounding)
-//   gpuconv_igemm_fptc_<t>_<cfg>_<i>   forward, tensor-op policy (t = f16, bf16): ldmatrix +
+//   gpuconv_igemm_fptc_<t>_<cfg>_<i>   forward and each stride phase of the input grad,
+//                                      tensor-op policy (t = f16, bf16): ldmatrix +
 //                                      mma.sync m16n8k16, float32 accumulators, 3-stage
 //                                      cp.async weight pipeline; <cfg>: l = 128x128x16,
 //                                      256 threads; s = 64x64x16, 128 threads
-//   gpuconv_igemm_wreorder_<t>    its weight, reordered to [K][taps][C/G] (one pass)
+//   gpuconv_igemm_wreorder_<t>         its weight, rows contiguous along the reduction
+//                                      (forward [K][taps][C/G]; input-grad phase
+//                                      [G][C/G][phase taps][K/G], transposed and flipped)
 // <cfg>: l = 128x128x8 tile, 256 threads; s = 64x64x8 (float64: 64x64x4), 64 threads.
-// 8x8 outputs per thread.  Half types run the float32 SIMT policy here (loads widened
-// to float32) until the tensor-op policy exists.
+// 8x8 outputs per thread.  Half types run the tensor-op policy for the forward and the
+// input grad; the SIMT policy (loads widened to float32) takes them under
+// GPUCONV_CUDA_ALGO=simt.
 
 #define GC_IG_FP_BODY(T, I, CFG)                                                            \
   {                                                                                          \
@@ -51,7 +55,7 @@
 
 GC_FOR_EACH_DTYPE(GC_IG_ENTRIES)
 
-// tensor-op policy: float16 / bfloat16 forward.  The large tile asks for 2 resident
+// tensor-op policy: float16 / bfloat16 forward and input grad.  The large tile asks for 2 resident
 // blocks (<= 128 registers: spill-free on sm_90 with 32-bit indices; the 64-bit variant
 // needs more and keeps 1)
 #define GC_TC_ENTRY_I(SUF, T, ISUF, I)                                                       \
@@ -67,9 +71,9 @@ GC_FOR_EACH_DTYPE(GC_IG_ENTRIES)
   }
 #define GC_TC_ENTRIES(SUF, T)                                                                \
   GC_FOR_EACH_INDEX(GC_TC_ENTRY_I, SUF, T)                                                   \
-  extern "C" __global__ void gpuconv_igemm_wreorder_##SUF(                              \
-      const T* __restrict__ w, T* __restrict__ wr, long long total, int Cg, int taps) {      \
-    gc_igemm_wreorder<T>(w, wr, total, Cg, taps);                                            \
+  extern "C" __global__ void gpuconv_igemm_wreorder_##SUF(                                   \
+      const T* __restrict__ w, T* __restrict__ wr, GC_FP_PARAMS, long long total) {          \
+    gc_igemm_wreorder<T>(w, wr, GC_FP_MAKE, total);                                          \
   }
 GC_TC_ENTRIES(f16, gc_half)
 GC_TC_ENTRIES(bf16, gc_bf16)

@@ -580,11 +580,12 @@ __device__ __forceinline__ void gc_igemm_wg(const T* __restrict__ x, const T* __
   }
 }
 
-// ---- tensor-op warp-MMA policy: float16 / bfloat16 forward ------------------------------
-// Same GEMM view, tap table and tap-major reduction (k = t*Cg + c) as gc_igemm_fp, forward
-// only; the weight is first reordered (gc_igemm_wreorder: [K][taps][Cg]) so that one
-// output channel's row is contiguous along k, read as wt[grp*wg + n*wn + k], and can be
-// copied with cp.async.  Per BK = 16 step:
+// ---- tensor-op warp-MMA policy: float16 / bfloat16 forward-like problems ------------------
+// Same GEMM view, tap table and tap-major reduction (k = t*Cg + c) as gc_igemm_fp: the
+// forward, and each stride phase of the input grad (grad_out gathered, the weight
+// transposed/flipped to the phase's taps); the weight is first reordered
+// (gc_igemm_wreorder) so that one GEMM column's row is contiguous along k, read as
+// wr[(grp*Ng + n)*Kred + k], and can be copied with cp.async.  Per BK = 16 step:
 //   * B (weight) tile [BN][LDB] (k fast, LDB = BK + 8 halves: 48-byte rows, the 8 rows an
 //     ldmatrix phase reads start in 8 different 4-bank groups: no conflicts), filled by
 //     cp.async of 16, 8 or 4 bytes (the widest the alignment of Cg*T allows; zero-fill
@@ -637,19 +638,29 @@ template <> struct gc_tc_mma<gc_bf16> {
 template <typename I, class CFG>
 using gc_tc_a_iter = gc_gather_a_iter<unsigned short, unsigned short, I, CFG::AE, CFG::ARS, CFG>;
 
-// The weight reordered for the tensor-op forward: wr[(o*T + t)*Cg + c] = w[(o*Cg + c)*T + t]
-// (o over every output channel): each output channel's row becomes contiguous along the
-// tap-major reduction index k = t*Cg + c.  One pass over the (small) weight per forward.
+// The weight reordered for the tensor-op policy, for any forward-like problem p (the
+// forward, or one stride phase of the input grad): wr[((grp*Ng + n)*T + t)*Cg + c] =
+// w[grp*wg + n*wn + c*wc + wtap(t)], wtap(t) the weight tap of reduction tap t (the same
+// mapping as the tap table), so that each GEMM column's row becomes contiguous along the
+// tap-major reduction index k = t*Cg + c.  Forward: [K][taps][C/G] (a transpose of the
+// last two dims); input grad: per phase [G][C/G][phase taps][K/G], the transposed weight
+// restricted to the phase's taps, flipped where the tap order runs backwards (tb < 0).
+// One pass over the (small) weight per call and phase.
 template <typename T>
 __device__ __forceinline__ void gc_igemm_wreorder(const T* __restrict__ w, T* __restrict__ wr,
-                                                  long long total, int Cg, int taps) {
+                                                  const gc_fp p, long long total) {
+  const int T_ = p.TD * p.TH * p.TW;
   for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
        e += (long long)gridDim.x * blockDim.x) {
-    const int c = (int)(e % Cg);
-    const long long r = e / Cg;
-    const int t = (int)(r % taps);
-    const long long o = r / taps;
-    wr[e] = w[(o * Cg + c) * taps + t];
+    const int c = (int)(e % p.Cg);
+    const long long r = e / p.Cg;
+    const int t = (int)(r % T_);
+    const long long o = r / T_;  // grp*Ng + n
+    const int n = (int)(o % p.Ng), grp = (int)(o / p.Ng);
+    const int tw = t % p.TW, th = (t / p.TW) % p.TH, td = t / (p.TW * p.TH);
+    const int wtap = ((p.trd + p.tsd * td) * p.KH + (p.trh + p.tsh * th)) * p.KW +
+                     (p.trw + p.tsw * tw);
+    wr[e] = w[(long long)grp * p.wg + (long long)n * p.wn + (long long)c * p.wc + wtap];
   }
 }
 
@@ -703,8 +714,9 @@ __device__ __forceinline__ void gc_igemm_fp_tc(const T* __restrict__ src_, const
   const int wm = warp / CFG::WN, wn = warp % CFG::WN;
   // widest copy the weight's alignment allows (k_begin is a multiple of BK)
   const int lv = (Kred & 7) == 0 ? 3 : (Kred & 3) == 0 ? 2 : (Kred & 1) == 0 ? 1 : 0;
-  const I wbase = (I)grp * p.wg + (I)n0 * p.wn;
-  const I wnI = p.wn;
+  // the reordered weight (gc_igemm_wreorder): column n's row at (grp*Ng + n) * Kred
+  const I wbase = ((I)grp * p.Ng + n0) * Kred;
+  const I wnI = Kred;
   const int nlim = p.Ng - n0;
 
   gc_fp_taps(tab, p, T_, tid, CFG::NT);

@@ -86,11 +86,15 @@ def _run_cases(be, dt, schedule, cases, seed0=0):
 @pytest.mark.parametrize("index", ["32", "64"])
 @pytest.mark.parametrize("cfg", ["s", "l"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_engine_entry_point_every_schedule(sim_backend, igemm_env, dtype, cfg, index,
-                                                 splits, schedule):
+def test_every_engine_entry_point_every_schedule(sim_backend, igemm_env, monkeypatch, dtype,
+                                                 cfg, index, splits, schedule):
+    """The SIMT policy for every dtype: the half types' forward and input grad would take
+    the tensor-op policy (tests/test_igemm_tc.py), so the policy choice is patched off
+    (GPUCONV_CUDA_ALGO=simt would also send the depthwise-like cases to their kernels)."""
     be = sim_backend
     dt = np_dtype(dtype)
     igemm_env(cfg, index, splits)
+    monkeypatch.setattr(IG, "tensor_op", lambda g, algo: False)
     be.called.clear()
     _run_cases(be, dt, schedule, CASES)
     suf, i = SUFFIX[dtype], "i64" if index == "64" else "i32"

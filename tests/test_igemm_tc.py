@@ -30,18 +30,35 @@ TC_CASES = {
 }
 
 
-def _run_forward(be, dt, schedule, cases, seed0=0):
+# extra input-grad cases: stride phases whose reductions K/G * phase taps hit each weight-row
+# alignment (16/8/4-byte copies, odd), several k-steps per phase, 1-D and 3-D phases,
+# grouped; a phase with no taps (1x1 stride 2: zero rows)
+TC_DGRAD_CASES = {
+    "dg-s2-K24": ((2, 8, 9, 7), (24, 8, 3, 3), dict(stride=2, padding=1)),     # 96/48/48/24
+    "dg-s2-K3-1d": ((2, 5, 13), (3, 5, 5), dict(stride=2, padding=2)),        # 9, 6: odd
+    "dg-s3-K6-dil": ((1, 4, 10, 11), (6, 4, 3, 3), dict(stride=3, dilation=2, padding=2)),
+    "dg-3d-s2-g2": ((1, 4, 5, 4, 5), (6, 2, 3, 2, 3), dict(stride=2, padding=1, groups=2)),
+    "dg-s2-1x1-K10": ((1, 6, 7, 6), (10, 6, 1, 1), dict(stride=2)),
+}
+
+
+def _run_passes(be, dt, schedule, cases, seed0=0, passes=("forward", "input grad")):
     for i, (name, (xs, ws, kw)) in enumerate(cases.items()):
         g = conv_geometry("t", xs, ws, dtype=dt, **kw)
-        x, w, b, _ = _data(g, dt, seed0 + i)
-        saved = [a.copy() for a in (x, w, b)]
+        x, w, b, gy = _data(g, dt, seed0 + i)
+        saved = [a.copy() for a in (x, w, b, gy)]
         with be.rt.schedule(schedule, seed=5 + i):
-            y = be.forward(x, w, b, g)
-            y0 = be.forward(x, w, None, g)
-        assert y.dtype == dt and y0.dtype == dt
-        assert_close(y, ref.conv(x, w, b, **kw), dt, f"{name} forward")
-        assert_close(y0, ref.conv(x, w, None, **kw), dt, f"{name} forward (no bias)")
-        for a, s in zip((x, w, b), saved):
+            if "forward" in passes:
+                y = be.forward(x, w, b, g)
+                y0 = be.forward(x, w, None, g)
+                assert y.dtype == dt and y0.dtype == dt
+                assert_close(y, ref.conv(x, w, b, **kw), dt, f"{name} forward")
+                assert_close(y0, ref.conv(x, w, None, **kw), dt, f"{name} forward (no bias)")
+            if "input grad" in passes:
+                gx = be.input_grad(gy, w, g)
+                assert gx.dtype == dt
+                assert_close(gx, ref.conv_input_grad(gy, w, xs, **kw), dt, f"{name} input grad")
+        for a, s in zip((x, w, b, gy), saved):
             assert np.array_equal(a.view(np.uint8), s.view(np.uint8))
 
 
@@ -50,20 +67,44 @@ def _run_forward(be, dt, schedule, cases, seed0=0):
 @pytest.mark.parametrize("index", ["32", "64"])
 @pytest.mark.parametrize("cfg", ["s", "l"])
 @pytest.mark.parametrize("dtype", HALF)
-def test_tensor_op_forward_every_entry_point_every_schedule(sim_backend, igemm_env, dtype,
-                                                            cfg, index, splits, schedule):
+def test_tensor_op_forward_and_input_grad_every_entry_point_every_schedule(
+        sim_backend, igemm_env, dtype, cfg, index, splits, schedule):
     be = sim_backend
     dt = np_dtype(dtype)
     igemm_env(cfg, index, splits)
     be.called.clear()
-    _run_forward(be, dt, schedule, {**CASES, **TC_CASES})
+    _run_passes(be, dt, schedule, {**CASES, **TC_CASES})
+    _run_passes(be, dt, schedule, TC_DGRAD_CASES, seed0=50, passes=("input grad",))
     i = "i64" if index == "64" else "i32"
     name = f"gpuconv_igemm_fptc_{SUFFIX[dtype]}_{cfg}_{i}"
     assert name in be.called, sorted(set(be.called))
     assert f"gpuconv_igemm_wreorder_{SUFFIX[dtype]}" in be.called
     assert not any(n.startswith("gpuconv_igemm_fp_") for n in be.called), be.called
+    assert not any(n.startswith("gpuconv_dgrad") for n in be.called), be.called
     if splits > 1:
         assert f"gpuconv_igemm_reduce_{SUFFIX[dtype]}" in be.called
+
+
+def test_tensor_op_input_grad_phase_weights():
+    """The per-phase reordered weight the tensor-op input grad reads, recomputed
+    independently: phase (i0) of each dim keeps the taps r with (i0 + pad - r*dil) % s == 0,
+    in the order the phase's grad_out offsets run; each row is one input channel,
+    contiguous along (tap, output channel)."""
+    g = conv_geometry("t", (1, 4, 10, 11), (6, 2, 3, 2), stride=(3, 2), dilation=(2, 1),
+                      padding=(2, 1), groups=2)
+    for p in IG.dgrad_problems(g):
+        T = p.params[27:30]
+        ta, tb, tr, ts = p.params[30:33], p.params[33:36], p.params[36:39], p.params[39:42]
+        first = p.params[24:27]
+        for a in (1, 2):
+            i0, s, d, pd, R = (first[a], g.stride[a - 1], g.dilation[a - 1], g.pad_lo[a - 1],
+                               g.kernel[a - 1])
+            taps = [r for r in range(R) if (i0 + pd - r * d) % s == 0]
+            assert [tr[a] + ts[a] * t for t in range(T[a])] == taps
+            # grad_out row j + ta + tb*t is the one whose tap r reaches input i0 + s*j
+            for t, r in enumerate(taps):
+                assert (i0 + pd - r * d) == s * (ta[a] + tb[a] * t)
+        assert p.Ng == g.Cg and p.kred == g.Kg * T[0] * T[1] * T[2]
 
 
 def test_selection_half_types_default_to_tensor_ops(sim_backend, monkeypatch):
@@ -76,14 +117,21 @@ def test_selection_half_types_default_to_tensor_ops(sim_backend, monkeypatch):
     monkeypatch.delenv("GPUCONV_IGEMM_CONFIG", raising=False)
     monkeypatch.delenv("GPUCONV_IGEMM_SPLITS", raising=False)
     assert plans.use_igemm(g) and IG.tensor_op(g, plans._algo())
-    be.called.clear()
-    assert_close(be.forward(x, w, b, g), ref.conv(x, w, b, **kw), dt)
-    assert any(n.startswith("gpuconv_igemm_fptc_f16_") for n in be.called), be.called
-    monkeypatch.setenv("GPUCONV_CUDA_ALGO", "simt")
-    be.called.clear()
-    assert_close(be.forward(x, w, b, g), ref.conv(x, w, b, **kw), dt)
-    assert any(n.startswith("gpuconv_igemm_fp_f16_") for n in be.called), be.called
-    assert not any("fptc" in n for n in be.called)
+    gs = conv_geometry("t", xs, ws, dtype=dt, **{**kw, "stride": 2})
+    gy = _data(gs, dt, 2)[3]
+    for what, run, want in (
+            ("forward", lambda: be.forward(x, w, b, g), lambda: ref.conv(x, w, b, **kw)),
+            ("input grad", lambda: be.input_grad(gy, w, gs),
+             lambda: ref.conv_input_grad(gy, w, xs, **kw, stride=2))):
+        monkeypatch.delenv("GPUCONV_CUDA_ALGO", raising=False)
+        be.called.clear()
+        assert_close(run(), want(), dt, what)
+        assert any(n.startswith("gpuconv_igemm_fptc_f16_") for n in be.called), be.called
+        monkeypatch.setenv("GPUCONV_CUDA_ALGO", "simt")
+        be.called.clear()
+        assert_close(run(), want(), dt, what)
+        assert any(n.startswith("gpuconv_igemm_fp_f16_") for n in be.called), be.called
+        assert not any("fptc" in n for n in be.called)
     g32 = conv_geometry("t", xs, ws, dtype=np.float32, **kw)
     assert not IG.tensor_op(g32, "auto")
 
@@ -115,21 +163,48 @@ TC_BUGS = {
 }
 
 
+# input-grad specific bugs, on a stride-2 input grad (phases of 4, 2, 2, 1 taps, 1-6 k-steps)
+DG_BUG_CASE = ((2, 8, 9, 7), (24, 8, 3, 3), dict(stride=2, padding=1))
+DG_BUGS = {
+    "phase taps in reverse order (flip lost)": (
+        "gc_igemm_wreorder(", "(p.trw + p.tsw * tw)", "(p.trw + p.tsw * (p.TW - 1 - tw))",
+        ("mismatch",)),
+    "weight not transposed": (
+        "gc_igemm_wreorder(", "(long long)n * p.wn + (long long)c * p.wc",
+        "(long long)n * p.wc + (long long)c * p.wn", ("mismatch", "MemoryAccessError")),
+    "phase weight rows at the original stride": (
+        "gc_igemm_fp_tc(", "const I wnI = Kred;", "const I wnI = p.wn;",
+        ("mismatch", "MemoryAccessError")),
+}
+
+
+def _bug_data(case, seed, passname):
+    dt = np_dtype("float16")
+    xs, ws, kw = case
+    g = conv_geometry("t", xs, ws, dtype=dt, **kw)
+    x, w, b, gy = _data(g, dt, seed)
+    if passname == "forward":
+        return passname, (x, w, b, g), ref.conv(x, w, b, **kw)
+    return passname, (gy, w, g), ref.conv_input_grad(gy, w, xs, **kw)
+
+
 @pytest.fixture(scope="module")
 def bug_data():
-    dt = np_dtype("float16")
-    xs, ws, kw = BUG_CASE
-    g = conv_geometry("t", xs, ws, dtype=dt, **kw)
-    x, w, b, _ = _data(g, dt, 9)
-    return x, w, b, g, ref.conv(x, w, b, **kw)
+    return _bug_data(BUG_CASE, 9, "forward")
+
+
+@pytest.fixture(scope="module")
+def dg_bug_data():
+    return _bug_data(DG_BUG_CASE, 10, "input grad")
 
 
 def _outcome(rt, data):
     from gpuconv._cuda.backend import CudaBackend
     from gpuconv.testing.cudasim import CudaSimError
-    x, w, b, g, want = data
+    passname, args, want = data
+    be = CudaBackend(rt)
     try:
-        got = CudaBackend(rt).forward(x, w, b, g)
+        got = be.forward(*args) if passname == "forward" else be.input_grad(*args)
     except CudaSimError as e:
         return e
     if np.isnan(np.asarray(got, np.float64)).any():
@@ -138,9 +213,7 @@ def _outcome(rt, data):
     return "ok" if err <= 2e-3 else f"mismatch (rel err {err:.3g})"
 
 
-@pytest.mark.parametrize("cfg", ["s", "l"])
-@pytest.mark.parametrize("bug", [None] + list(TC_BUGS))
-def test_tensor_op_injected_bugs_are_caught(monkeypatch, bug_data, bug, cfg):
+def _check_bug(monkeypatch, data, cfg, bug, site):
     bugs = pytest.importorskip("test_cudasim_bugs")
     from gpuconv.testing.cudasim import SCHEDULES, SimRuntime
     monkeypatch.setenv("GPUCONV_CUDA_ALGO", "igemm")
@@ -149,13 +222,25 @@ def test_tensor_op_injected_bugs_are_caught(monkeypatch, bug_data, bug, cfg):
     if bug is None:  # control: the unmodified kernel passes the same check
         rt, expect = SimRuntime(), ("ok",)
     else:
-        old, new, expect = TC_BUGS[bug]
-        rt = bugs.MutatedRuntime("igemm.cuh", bugs.inject("igemm.cuh", "gc_igemm_fp_tc(", old, new),
+        anchor, old, new, expect = site
+        rt = bugs.MutatedRuntime("igemm.cuh", bugs.inject("igemm.cuh", anchor, old, new),
                                  time_limit=60)
     for s in SCHEDULES:
         with rt.schedule(s, seed=3):
-            res = _outcome(rt, bug_data)
+            res = _outcome(rt, data)
         name = res if isinstance(res, str) else type(res).__name__
         assert any(name.startswith(e) for e in expect), f"{bug}: schedule {s}: got {res!r}"
         if not isinstance(res, str):
-            assert "gpuconv_igemm_fptc_f16_" in str(res), str(res)
+            assert "gpuconv_igemm_" in str(res) and "_f16" in str(res), str(res)
+
+
+@pytest.mark.parametrize("cfg", ["s", "l"])
+@pytest.mark.parametrize("bug", [None] + list(TC_BUGS))
+def test_tensor_op_injected_bugs_are_caught(monkeypatch, bug_data, bug, cfg):
+    site = None if bug is None else ("gc_igemm_fp_tc(",) + TC_BUGS[bug]
+    _check_bug(monkeypatch, bug_data, cfg, bug, site)
+
+
+@pytest.mark.parametrize("bug", [None] + list(DG_BUGS))
+def test_tensor_op_input_grad_injected_bugs_are_caught(monkeypatch, dg_bug_data, bug):
+    _check_bug(monkeypatch, dg_bug_data, "s", bug, None if bug is None else DG_BUGS[bug])

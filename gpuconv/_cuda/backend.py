@@ -82,7 +82,8 @@ class CudaBackend:
             if use_igemm(g):
                 gyc, wc = rt.ascontiguous(gy), rt.ascontiguous(w)
                 gx = rt.empty(g.x_shape, g.dtype)
-                self._igemm_fp(gyc, wc, None, gx, IG.dgrad_problems(g), g)
+                self._igemm_fp(gyc, wc, None, gx, IG.dgrad_problems(g), g,
+                               tensor_op=IG.tensor_op(g, _algo()))
                 return gx
             g2 = geo.dgrad_as_forward(g)
             if g2 is not None and use_tiled(g2):
@@ -152,8 +153,9 @@ class CudaBackend:
     def _igemm_fp(self, src, w, bias, out, problems, g, tensor_op=False):
         """Forward-like GEMMs (the forward, or the stride phases of the input grad) into
         `out`; under split-K every phase writes all `splits` partial slices and one
-        fixed-order reduce adds them (and the bias) and rounds once.  tensor_op: the
-        forward of a half type on the tensor-op policy (gpuconv_igemm_fptc_*)."""
+        fixed-order reduce adds them (and the bias) and rounds once.  tensor_op: a half
+        type on the tensor-op policy (gpuconv_igemm_fptc_*), each problem's weight
+        reordered first (gpuconv_igemm_wreorder_*)."""
         rt = self.rt
         cfg, splits = IG.fp_plan(problems, g.groups)
         c = (IG.TC_CONFIGS if tensor_op else IG.CONFIGS)[cfg]
@@ -163,20 +165,23 @@ class CudaBackend:
         fn, _ = self._igemm_fn("fptc" if tensor_op else "fp", g, cfg, src.size, w.size,
                                out.size * splits)
         bias_arg = bias if bias is not None else w
-        if tensor_op:  # the weight as [K][taps][C/G]: rows contiguous along k = tap*Cg + c
-            wr = rt.empty(w.shape, w.dtype)
-            rfn = self.modules.function("igemm",
-                                        f"gpuconv_igemm_wreorder_{g.dtype_info.suffix}")
-            launch.launch(rt, rfn, self._grid_1d(w.size),
-                          (w, wr, np.int64(w.size), np.int32(g.Cg), np.int32(g.taps)))
-            w = wr
+        rfn = (self.modules.function("igemm", f"gpuconv_igemm_wreorder_{g.dtype_info.suffix}")
+               if tensor_op else None)
         for p in problems:
             grid = IG.fp_grid(p, cfg, g.groups, splits)
             chunk = IG.kchunk(p.kred, splits, c["BK"])
+            params = tuple(np.int32(v) for v in p.params) + (np.int32(chunk),)
+            wp = w
+            if tensor_op:
+                # the weight of this problem with rows contiguous along its reduction:
+                # forward [K][taps][C/G]; input-grad phase [G][C/G][phase taps][K/G]
+                n = g.groups * p.Ng * p.kred
+                wp = rt.empty((max(n, 1),), w.dtype)
+                if n:
+                    launch.launch(rt, rfn, self._grid_1d(n), (w, wp) + params + (np.int64(n),))
             smem = (IG.tc_smem_bytes(cfg, IG.fp_taps(p)) if tensor_op
                     else IG.smem_bytes(cfg, acc.itemsize, IG.fp_taps(p)))
-            args = ((src, w, bias_arg, out, partial)
-                    + tuple(np.int32(v) for v in p.params) + (np.int32(chunk),)
+            args = ((src, wp, bias_arg, out, partial) + params
                     + (np.int32(bias is not None and splits == 1), np.int32(splits > 1)))
             launch.launch(rt, fn, launch.LaunchConfig(grid, (c["NT"], 1, 1)), args,
                           shared_mem=smem)

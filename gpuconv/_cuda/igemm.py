@@ -25,7 +25,7 @@ CONFIGS = {
     "l": dict(BM=128, BN=128, BK=8, NT=256),
     "s": dict(BM=64, BN=64, BK=8, NT=64),
 }
-# tensor-op policy (gc_tc_l / gc_tc_s, float16/bfloat16 forward): same BM x BN tiles,
+# tensor-op policy (gc_tc_l / gc_tc_s, float16/bfloat16 forward-like): same BM x BN tiles,
 # BK = 16 (one m16n8k16 step), NS = 3 shared stages, A [BK][BM+8] + B [BN][BK+8] halves
 TC_CONFIGS = {
     "l": dict(BM=128, BN=128, BK=16, NT=256, NS=3),
@@ -58,8 +58,8 @@ def tc_smem_bytes(cfg: str, taps: int) -> int:
 
 
 def tensor_op(g, algo: str) -> bool:
-    """The tensor-op policy takes the half types' forward unless GPUCONV_CUDA_ALGO=simt
-    forces the engine's SIMT policy."""
+    """The tensor-op policy takes the half types' forward and input grad (every stride
+    phase) unless GPUCONV_CUDA_ALGO=simt forces the engine's SIMT policy."""
     return g.dtype.itemsize == 2 and algo != "simt"
 
 
