@@ -7,6 +7,9 @@
 //                                      mma.sync m16n8k16, float32 accumulators, 3-stage
 //                                      cp.async weight pipeline; <cfg>: l = 128x128x16,
 //                                      256 threads; s = 64x64x16, 128 threads
+//   gpuconv_igemm_wgtc_<t>_<cfg>_<i>   weight grad, tensor-op policy, split-K pass 1 (float32
+//                                      partials; the transposed GEMM C' = x^T gy on the
+//                                      same main loop; same <cfg> as fptc)
 //   gpuconv_igemm_wreorder_<t>         its weight, rows contiguous along the reduction
 //                                      (forward [K][taps][C/G]; input-grad phase
 //                                      [G][C/G][phase taps][K/G], transposed and flipped)
@@ -55,9 +58,9 @@
 
 GC_FOR_EACH_DTYPE(GC_IG_ENTRIES)
 
-// tensor-op policy: float16 / bfloat16 forward and input grad.  The large tile asks for 2 resident
-// blocks (<= 128 registers: spill-free on sm_90 with 32-bit indices; the 64-bit variant
-// needs more and keeps 1)
+// tensor-op policy: float16 / bfloat16 forward, input grad and weight grad.  The large
+// tiles ask for 2 resident blocks (<= 128 registers: spill-free on sm_90 with 32-bit
+// indices; the 64-bit variants need more and keep 1)
 #define GC_TC_ENTRY_I(SUF, T, ISUF, I)                                                       \
   extern "C" __global__ void __launch_bounds__(256, sizeof(I) == 8 ? 1 : 2)                 \
       gpuconv_igemm_fptc_##SUF##_l_##ISUF(GC_IG_FP_PARAMS(T)) {                              \
@@ -68,6 +71,18 @@ GC_FOR_EACH_DTYPE(GC_IG_ENTRIES)
       gpuconv_igemm_fptc_##SUF##_s_##ISUF(GC_IG_FP_PARAMS(T)) {                              \
     const gc_fp p = GC_FP_MAKE;                                                              \
     gc_igemm_fp_tc<T, I, gc_tc_s>(src, wt, bias, out, partial, p, has_bias, split);          \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(256, sizeof(I) == 8 ? 1 : 2)                 \
+      gpuconv_igemm_wgtc_##SUF##_l_##ISUF(const T* __restrict__ x, const T* __restrict__ gy,  \
+                                          float* __restrict__ partial, GC_GEO_PARAMS,        \
+                                          I chunk) {                                         \
+    gc_igemm_wg_tc<T, I, gc_tc_l>(x, gy, partial, GC_GEO_MAKE, chunk);                       \
+  }                                                                                          \
+  extern "C" __global__ void __launch_bounds__(128, 1)                                       \
+      gpuconv_igemm_wgtc_##SUF##_s_##ISUF(const T* __restrict__ x, const T* __restrict__ gy,  \
+                                          float* __restrict__ partial, GC_GEO_PARAMS,        \
+                                          I chunk) {                                         \
+    gc_igemm_wg_tc<T, I, gc_tc_s>(x, gy, partial, GC_GEO_MAKE, chunk);                       \
   }
 #define GC_TC_ENTRIES(SUF, T)                                                                \
   GC_FOR_EACH_INDEX(GC_TC_ENTRY_I, SUF, T)                                                   \

@@ -689,6 +689,65 @@ __device__ __forceinline__ void gc_tc_load_b(unsigned short* __restrict__ Bs,
   }
 }
 
+// The tensor-op main loop of every tensor-op problem (forward-like and weight grad): NS
+// shared stages, one barrier per step.  Operand A is gathered into registers one step
+// ahead (la(s): global -> registers for step s; sa(stage): registers -> shared, after the
+// step's MMAs), operand B copied by cp.async NS-1 steps ahead (lb(stage, s)); A tile
+// [BK][LDA] (m fast) read by ldmatrix.x4.trans, B tile [BN][LDB] (k fast) by ldmatrix.x4.
+template <typename T, class CFG, class LoadA, class StoreA, class LoadB>
+__device__ __forceinline__ void gc_tc_mainloop(unsigned short* As, unsigned short* Bs,
+                                               float (&acc)[CFG::MI][CFG::NJ][4], int steps,
+                                               LoadA la, StoreA sa, LoadB lb, int lane, int wm,
+                                               int wn) {
+  // prologue: stages 0 .. NS-2 (A stored directly, B copies committed one group a stage)
+#pragma unroll
+  for (int s = 0; s < CFG::NS - 1; ++s) {
+    if (s < steps) {
+      la(s);
+      sa(As + s * CFG::A_ST);
+      lb(Bs + s * CFG::B_ST, s);
+    }
+    gc_cp_async_commit();
+  }
+  // lane's ldmatrix row addresses (halves, within a stage)
+  const int li = lane >> 3, lr = lane & 7;
+  const int a_off = (lr + (li >> 1) * 8) * CFG::LDA + wm * CFG::WTM + (li & 1) * 8;
+  const int b_off = (wn * CFG::WTN + (li >> 1) * 8 + lr) * CFG::LDB + (li & 1) * 8;
+
+  for (int s = 0; s < steps; ++s) {
+    const int cur = s % CFG::NS;
+    const int nxt = (s + CFG::NS - 1) % CFG::NS;  // the stage read at step s-1
+    gc_cp_async_wait<CFG::NS - 2>();  // this thread's copies of step s have landed
+    __syncthreads();                  // ... everyone's; and step s-1's reads are done
+    const bool more = s + CFG::NS - 1 < steps;
+    if (more) {
+      lb(Bs + nxt * CFG::B_ST, s + CFG::NS - 1);
+      la(s + CFG::NS - 1);  // in flight during the MMAs below
+    }
+    gc_cp_async_commit();
+    const unsigned short* as = As + cur * CFG::A_ST;
+    const unsigned short* bs = Bs + cur * CFG::B_ST;
+    unsigned af[CFG::MI][4], bf[CFG::NJ][2];
+#pragma unroll
+    for (int i = 0; i < CFG::MI; ++i) gc_ldmatrix_x4_trans(af[i], as + a_off + i * 16);
+#pragma unroll
+    for (int j = 0; j < CFG::NJ; j += 2) {
+      unsigned r[4];
+      gc_ldmatrix_x4(r, bs + b_off + j * 8 * CFG::LDB);
+      bf[j][0] = r[0];
+      bf[j][1] = r[1];
+      bf[j + 1][0] = r[2];
+      bf[j + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int i = 0; i < CFG::MI; ++i)
+#pragma unroll
+      for (int j = 0; j < CFG::NJ; ++j) gc_tc_mma<T>::run(acc[i][j], af[i], bf[j]);
+    if (more) sa(As + nxt * CFG::A_ST);
+  }
+  gc_cp_async_wait<0>();  // no copy outlives the block (only empty groups remain)
+}
+
 template <typename T, typename I, class CFG>
 __device__ __forceinline__ void gc_igemm_fp_tc(const T* __restrict__ src_, const T* __restrict__ wt_,
                                                const T* __restrict__ bias, T* __restrict__ out,
@@ -731,56 +790,14 @@ __device__ __forceinline__ void gc_igemm_fp_tc(const T* __restrict__ src_, const
   gc_tc_a_iter<I, CFG> ita;
   ita.init(src, tab, p, grp, m0, M, k_begin, tid);
   unsigned short ra[gc_tc_a_iter<I, CFG>::E];
-
-  // prologue: stages 0 .. NS-2 (A stored directly, B copies committed one group a stage)
-#pragma unroll
-  for (int s = 0; s < CFG::NS - 1; ++s) {
-    if (s < steps) {
-      ita.load(ra, tab, p, k_begin + s * CFG::BK, k_end);
-      ita.store(As + s * CFG::A_ST, ra);
-      gc_tc_load_b<I, CFG>(Bs + s * CFG::B_ST, wt, wbase, wnI, nlim, k_begin + s * CFG::BK,
-                           k_end, lv, tid);
-    }
-    gc_cp_async_commit();
-  }
-  // lane's ldmatrix row addresses (halves, within a stage)
-  const int li = lane >> 3, lr = lane & 7;
-  const int a_off = (lr + (li >> 1) * 8) * CFG::LDA + wm * CFG::WTM + (li & 1) * 8;
-  const int b_off = (wn * CFG::WTN + (li >> 1) * 8 + lr) * CFG::LDB + (li & 1) * 8;
-
-  for (int s = 0; s < steps; ++s) {
-    const int cur = s % CFG::NS;
-    const int nxt = (s + CFG::NS - 1) % CFG::NS;  // the stage read at step s-1
-    gc_cp_async_wait<CFG::NS - 2>();  // this thread's copies of step s have landed
-    __syncthreads();                  // ... everyone's; and step s-1's reads are done
-    const bool more = s + CFG::NS - 1 < steps;
-    if (more) {
-      const int k0 = k_begin + (s + CFG::NS - 1) * CFG::BK;
-      gc_tc_load_b<I, CFG>(Bs + nxt * CFG::B_ST, wt, wbase, wnI, nlim, k0, k_end, lv, tid);
-      ita.load(ra, tab, p, k0, k_end);  // in flight during the MMAs below
-    }
-    gc_cp_async_commit();
-    const unsigned short* as = As + cur * CFG::A_ST;
-    const unsigned short* bs = Bs + cur * CFG::B_ST;
-    unsigned af[CFG::MI][4], bf[CFG::NJ][2];
-#pragma unroll
-    for (int i = 0; i < CFG::MI; ++i) gc_ldmatrix_x4_trans(af[i], as + a_off + i * 16);
-#pragma unroll
-    for (int j = 0; j < CFG::NJ; j += 2) {
-      unsigned r[4];
-      gc_ldmatrix_x4(r, bs + b_off + j * 8 * CFG::LDB);
-      bf[j][0] = r[0];
-      bf[j][1] = r[1];
-      bf[j + 1][0] = r[2];
-      bf[j + 1][1] = r[3];
-    }
-#pragma unroll
-    for (int i = 0; i < CFG::MI; ++i)
-#pragma unroll
-      for (int j = 0; j < CFG::NJ; ++j) gc_tc_mma<T>::run(acc[i][j], af[i], bf[j]);
-    if (more) ita.store(As + nxt * CFG::A_ST, ra);
-  }
-  gc_cp_async_wait<0>();  // no copy outlives the block (only empty groups remain)
+  gc_tc_mainloop<T, CFG>(
+      As, Bs, acc, steps,
+      [&](int s) { ita.load(ra, tab, p, k_begin + s * CFG::BK, k_end); },
+      [&](unsigned short* st) { ita.store(st, ra); },
+      [&](unsigned short* st, int s) {
+        gc_tc_load_b<I, CFG>(st, wt, wbase, wnI, nlim, k_begin + s * CFG::BK, k_end, lv, tid);
+      },
+      lane, wm, wn);
 
   // epilogue: C fragment c0,c1 (row g, cols 2t, 2t+1), c2,c3 (row g+8)
   const I esp = (I)p.ED * p.EH * p.EW;
@@ -813,6 +830,197 @@ __device__ __forceinline__ void gc_igemm_fp_tc(const T* __restrict__ src_, const
             if (has_bias) v += gc_load(bias + grp * p.Ng + n);
             gc_store(out + idx, v);
           }
+        }
+    }
+}
+
+// ---- tensor-op weight grad: float16 / bfloat16 -------------------------------------------
+// The weight grad's GEMM with its operands' roles swapped so that it is the same main loop
+// as the forward (gc_tc_mainloop): C'[M' = Cg*taps, N' = Kg] = A'[M', K = N*P*Q] * B'[K, N']
+// per group, the transpose of wgrad's C[K/G, Cg*taps] -- the epilogue writes it back
+// transposed, as float32 partial sums of the split-K slice (blockIdx.z), which the
+// fixed-order gc_igemm_reduce adds and rounds once.
+//   * A' (the input, gathered): thread owns reduction row ak = k - k0 (k fast: consecutive
+//     threads read consecutive output positions, hence consecutive inputs at stride 1) as
+//     (n, od, oh, ow) digits stepped by BK with carries (gc_opos_add, no division), and the
+//     GEMM rows am + (NT/BK)*i, whose (c, tap) come from a column table in shared memory
+//     (input offset, tap offsets per dim; rows past Cg*taps get an offset that fails every
+//     bounds check); element loads one step ahead, zero for padding;
+//   * B' (grad_out rows, contiguous along N*P*Q within an image): cp.async of 16, 8 or 4
+//     bytes (the widest P*Q's and the address's alignment allow: a copy never crosses an
+//     image) or plain loads (P*Q odd); the thread's copy column kk is fixed, its (image,
+//     position) digits
+//     stepped by BK with one carry.
+#define GC_WGC_INTS 4  // column-table entry: channel c, tap offsets dz, dy, dx
+
+template <typename I, class CFG>
+struct gc_wgtc_a_iter {
+  enum { E = CFG::BM * CFG::BK / CFG::NT, CS = CFG::NT / CFG::BK };
+  const unsigned short* __restrict__ x;
+  I base, cdhw, dhw;
+  int ak, am;
+  gc_opos pos, step;
+
+  __device__ __forceinline__ void init(const unsigned short* __restrict__ x_, const gc_geo& g,
+                                       int grp, I r_begin, int tid) {
+    x = x_;
+    ak = tid % CFG::BK;
+    am = tid / CFG::BK;
+    dhw = (I)g.D * g.H * g.W;
+    cdhw = (I)g.C * dhw;
+    base = (I)grp * g.Cg * dhw;
+    pos = gc_opos_of(r_begin + ak, g);
+    step = gc_opos_of(CFG::BK, g);
+  }
+
+  __device__ __forceinline__ void load(unsigned short (&r)[E], const int* col, const gc_geo& g,
+                                       I r0, I r_end) {
+    const bool kv = r0 + ak < r_end;
+    const int z0 = pos.d * g.sd, y0 = pos.h * g.sh, x0 = pos.w * g.sw;
+    const I b = base + (I)pos.n * cdhw + ((I)z0 * g.H + y0) * g.W + x0;
+#pragma unroll
+    for (int i = 0; i < E; ++i) {
+      const int* e = col + GC_WGC_INTS * (am + CS * i);
+      const int z = z0 + e[1], y = y0 + e[2], xx = x0 + e[3];
+      const bool in = kv && (unsigned)z < (unsigned)g.D && (unsigned)y < (unsigned)g.H &&
+                      (unsigned)xx < (unsigned)g.W;
+      r[i] = in ? x[b + (I)e[0] * dhw + ((I)e[1] * g.H + e[2]) * g.W + e[3]] : (unsigned short)0;
+    }
+    gc_opos_add(pos, step, g);
+  }
+
+  __device__ __forceinline__ void store(unsigned short* __restrict__ As,
+                                        const unsigned short (&r)[E]) const {
+#pragma unroll
+    for (int i = 0; i < E; ++i) As[ak * CFG::LDA + am + CS * i] = r[i];
+  }
+};
+
+// B': grad_out rows of output channels n0 + n, one stage's copies (lv as gc_tc_load_b).
+template <typename I, class CFG>
+struct gc_wgtc_b_iter {
+  const unsigned short* __restrict__ gy;
+  I rowbase, img, o, osp, kstride;
+  I s_img, s_o;
+  int kk, n_first, nlim, lv, shift;
+
+  __device__ __forceinline__ void init(const unsigned short* __restrict__ gy_, const gc_geo& g,
+                                       int grp, int n0, I r_begin, int tid) {
+    gy = gy_;
+    osp = (I)g.OD * g.OH * g.OW;
+    // widest copy that P*Q and the tensor's address allow (a caller's view may start
+    // anywhere)
+    const unsigned long long a = (unsigned long long)osp | (reinterpret_cast<unsigned long long>(gy_) >> 1);
+    lv = (a & 7) == 0 ? 3 : (a & 3) == 0 ? 2 : (a & 1) == 0 ? 1 : 0;
+    shift = 4 - lv;  // copies per row = BK >> lv
+    kk = (tid & ((1 << shift) - 1)) << lv;
+    n_first = tid >> shift;
+    nlim = g.Kg - n0;
+    kstride = (I)g.K * osp;  // one image further
+    rowbase = ((I)grp * g.Kg + n0) * osp;
+    const I r = r_begin + kk;
+    img = r / osp;
+    o = r - img * osp;
+    s_img = CFG::BK / osp;
+    s_o = CFG::BK % osp;
+  }
+
+  __device__ __forceinline__ void load(unsigned short* __restrict__ Bs, I r0, I r_end) {
+    const I k = r0 + kk;
+    const I left_ = r_end - k;
+    const int left = left_ <= 0 ? 0 : left_ < (1 << lv) ? (int)left_ : (1 << lv);
+    const I off = rowbase + img * kstride + o;
+    for (int n = n_first; n < CFG::BN; n += CFG::NT >> shift) {
+      unsigned short* d = Bs + n * CFG::LDB + kk;
+      const int cnt = n < nlim ? left : 0;
+      const unsigned short* sp = gy + (cnt > 0 ? off + (I)n * osp : (I)0);
+      const int bytes = 2 * cnt;
+      if (lv == 3) gc_cp_async_16(d, sp, bytes);
+      else if (lv == 2) gc_cp_async_8(d, sp, bytes);
+      else if (lv == 1) gc_cp_async_4(d, sp, bytes);
+      else *d = cnt > 0 ? *sp : (unsigned short)0;
+    }
+    o += s_o;
+    img += s_img;
+    if (o >= osp) { o -= osp; ++img; }
+  }
+};
+
+template <typename T, typename I, class CFG>
+__device__ __forceinline__ void gc_igemm_wg_tc(const T* __restrict__ x_, const T* __restrict__ gy_,
+                                               float* __restrict__ partial, const gc_geo g,
+                                               I chunk) {
+  extern __shared__ __align__(16) unsigned char gc_smem[];
+  unsigned short* As = reinterpret_cast<unsigned short*>(gc_smem);  // [NS][BK][LDA]
+  unsigned short* Bs = As + CFG::NS * CFG::A_ST;                     // [NS][BN][LDB]
+  int* col = reinterpret_cast<int*>(Bs + CFG::NS * CFG::B_ST);       // [BM][GC_WGC_INTS]
+  const unsigned short* x = reinterpret_cast<const unsigned short*>(x_);
+  const unsigned short* gy = reinterpret_cast<const unsigned short*>(gy_);
+  const int taps = g.KD * g.KH * g.KW;
+  const int Mr = g.Cg * taps;  // GEMM rows (c, tap) = the weight's inner index
+  const I red = (I)g.N * g.OD * g.OH * g.OW;
+  const int ntiles = (g.Kg + CFG::BN - 1) / CFG::BN;
+  const int grp = blockIdx.y / ntiles;
+  const int n0 = (blockIdx.y % ntiles) * CFG::BN;
+  const int m0 = blockIdx.x * CFG::BM;
+  const I r_begin = (I)blockIdx.z * chunk;
+  const I r_end = r_begin + chunk < red ? r_begin + chunk : red;
+  const int steps = r_end > r_begin ? (int)((r_end - r_begin + CFG::BK - 1) / CFG::BK) : 0;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp / CFG::WN, wn = warp % CFG::WN;
+
+  for (int m = tid; m < CFG::BM; m += CFG::NT) {  // column table of this block's rows
+    int* e = col + GC_WGC_INTS * m;
+    const int r = m0 + m;
+    if (r < Mr) {
+      const int c = r / taps;
+      int t = r - c * taps;
+      const int kw = t % g.KW; t /= g.KW;
+      const int kh = t % g.KH, kd = t / g.KH;
+      e[0] = c;
+      e[1] = kd * g.dd - g.pd;
+      e[2] = kh * g.dh - g.ph;
+      e[3] = kw * g.dw - g.pw;
+    } else {
+      e[0] = 0;
+      e[1] = -(1 << 30);  // fails every bounds check: the row reads nothing
+      e[2] = e[3] = 0;
+    }
+  }
+  float acc[CFG::MI][CFG::NJ][4];
+#pragma unroll
+  for (int i = 0; i < CFG::MI; ++i)
+#pragma unroll
+    for (int j = 0; j < CFG::NJ; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+  __syncthreads();  // column table ready
+  gc_wgtc_a_iter<I, CFG> ita;
+  gc_wgtc_b_iter<I, CFG> itb;
+  ita.init(x, g, grp, r_begin, tid);
+  itb.init(gy, g, grp, n0, r_begin, tid);
+  unsigned short ra[gc_wgtc_a_iter<I, CFG>::E];
+  gc_tc_mainloop<T, CFG>(
+      As, Bs, acc, steps,
+      [&](int s) { ita.load(ra, col, g, r_begin + (I)s * CFG::BK, r_end); },
+      [&](unsigned short* st) { ita.store(st, ra); },
+      [&](unsigned short* st, int s) { itb.load(st, r_begin + (I)s * CFG::BK, r_end); },
+      lane, wm, wn);
+
+  // epilogue: C'[m][n] = grad_w[grp*Kg + n][m] of slice blockIdx.z
+  float* outp = partial + (I)blockIdx.z * g.K * Mr;
+#pragma unroll
+  for (int i = 0; i < CFG::MI; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = m0 + wm * CFG::WTM + i * 16 + (lane >> 2) + 8 * h;
+      if (m >= Mr) continue;
+#pragma unroll
+      for (int j = 0; j < CFG::NJ; ++j)
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int n = n0 + wn * CFG::WTN + j * 8 + 2 * (lane & 3) + q;
+          if (n < g.Kg) outp[((I)grp * g.Kg + n) * Mr + m] = acc[i][j][2 * h + q];
         }
     }
 }

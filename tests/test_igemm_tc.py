@@ -6,6 +6,8 @@ geometries of tests/test_igemm.py plus weight-row alignments that select each cp
 width (16, 8, 4 bytes, and plain loads for odd C*taps); the selection rule
 (GPUCONV_CUDA_ALGO=simt forces the SIMT policy); injected bugs caught.
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -42,7 +44,20 @@ TC_DGRAD_CASES = {
 }
 
 
-def _run_passes(be, dt, schedule, cases, seed0=0, passes=("forward", "input grad")):
+# extra weight-grad cases: P*Q % 8 == 0 (16-byte grad_out copies), % 4 (8-byte), % 2 (4-byte),
+# odd (plain loads), several k-steps and a reduction tail across images; GEMM rows C/G*taps
+# and columns K/G past a tile edge of both configurations
+TC_WGRAD_CASES = {
+    "wg-pq16": ((3, 8, 4, 4), (12, 8, 3, 3), dict(padding=1)),                  # 16 B
+    "wg-pq12": ((2, 5, 3, 4), (10, 5, 3, 3), dict(padding=1)),                  # 8 B
+    "wg-pq6-1x1": ((3, 6, 2, 3), (7, 6, 1, 1), dict()),                          # 4 B
+    "wg-pq-odd-s2": ((2, 3, 9, 13), (9, 3, 3, 3), dict(stride=2, padding=1)),   # 5x7: plain
+    "wg-rows135-K70": ((1, 15, 4, 5), (70, 15, 3, 3), dict(padding=1)),         # M' 135, N' 70
+}
+
+
+def _run_passes(be, dt, schedule, cases, seed0=0,
+                passes=("forward", "input grad", "weight grad")):
     for i, (name, (xs, ws, kw)) in enumerate(cases.items()):
         g = conv_geometry("t", xs, ws, dtype=dt, **kw)
         x, w, b, gy = _data(g, dt, seed0 + i)
@@ -58,6 +73,10 @@ def _run_passes(be, dt, schedule, cases, seed0=0, passes=("forward", "input grad
                 gx = be.input_grad(gy, w, g)
                 assert gx.dtype == dt
                 assert_close(gx, ref.conv_input_grad(gy, w, xs, **kw), dt, f"{name} input grad")
+            if "weight grad" in passes:
+                gw = be.weight_grad(x, gy, g)
+                assert gw.dtype == dt
+                assert_close(gw, ref.conv_weight_grad(x, gy, ws, **kw), dt, f"{name} weight grad")
         for a, s in zip((x, w, b, gy), saved):
             assert np.array_equal(a.view(np.uint8), s.view(np.uint8))
 
@@ -67,7 +86,7 @@ def _run_passes(be, dt, schedule, cases, seed0=0, passes=("forward", "input grad
 @pytest.mark.parametrize("index", ["32", "64"])
 @pytest.mark.parametrize("cfg", ["s", "l"])
 @pytest.mark.parametrize("dtype", HALF)
-def test_tensor_op_forward_and_input_grad_every_entry_point_every_schedule(
+def test_tensor_op_every_pass_every_entry_point_every_schedule(
         sim_backend, igemm_env, dtype, cfg, index, splits, schedule):
     be = sim_backend
     dt = np_dtype(dtype)
@@ -75,14 +94,48 @@ def test_tensor_op_forward_and_input_grad_every_entry_point_every_schedule(
     be.called.clear()
     _run_passes(be, dt, schedule, {**CASES, **TC_CASES})
     _run_passes(be, dt, schedule, TC_DGRAD_CASES, seed0=50, passes=("input grad",))
-    i = "i64" if index == "64" else "i32"
-    name = f"gpuconv_igemm_fptc_{SUFFIX[dtype]}_{cfg}_{i}"
-    assert name in be.called, sorted(set(be.called))
-    assert f"gpuconv_igemm_wreorder_{SUFFIX[dtype]}" in be.called
-    assert not any(n.startswith("gpuconv_igemm_fp_") for n in be.called), be.called
-    assert not any(n.startswith("gpuconv_dgrad") for n in be.called), be.called
-    if splits > 1:
-        assert f"gpuconv_igemm_reduce_{SUFFIX[dtype]}" in be.called
+    _run_passes(be, dt, schedule, TC_WGRAD_CASES, seed0=70, passes=("weight grad",))
+    i, suf = "i64" if index == "64" else "i32", SUFFIX[dtype]
+    want = {f"gpuconv_igemm_fptc_{suf}_{cfg}_{i}", f"gpuconv_igemm_wgtc_{suf}_{cfg}_{i}",
+            f"gpuconv_igemm_wreorder_{suf}", f"gpuconv_igemm_reduce_{suf}"}
+    assert want <= set(be.called), sorted(set(be.called))
+    simt = [n for n in be.called if re.match(r"gpuconv_(igemm_(fp|wg)_|dgrad|wgrad|fwd)", n)]
+    assert not simt, simt
+
+
+def _unaligned_device_view(rt, a):
+    """`a` copied into a device array that starts 2 bytes past a 16-byte boundary; `rt` then
+    passes device arrays through ascontiguous unchanged, as CuPy does for a contiguous
+    view (the emulator's own ascontiguous always copies into a fresh allocation)."""
+    buf = rt.empty((a.size + 8,), a.dtype)
+    o = next(i for i in range(8) if (buf.ctypes.data + 2 * i) % 16 == 2)
+    v = buf[o:o + a.size].reshape(a.shape)
+    v[...] = a
+    assert v.ctypes.data % 16 != 0 and v.flags.c_contiguous and rt.is_device_array(v)
+    orig = type(rt).ascontiguous
+    rt.ascontiguous = lambda b: b if rt.is_device_array(b) else orig(rt, b)
+    return v
+
+
+def test_tensor_op_weight_grad_bit_identical_and_unaligned_grad_out(igemm_env):
+    """Split-K weight grad: the same bits under every schedule and run; a grad_out view
+    that starts 2 bytes past a 16-byte boundary (plain loads only) gives them too."""
+    from gpuconv._cuda.backend import CudaBackend
+    from gpuconv.testing.cudasim import SimRuntime
+    be = CudaBackend(SimRuntime())
+    dt = np_dtype("float16")
+    xs, ws, kw = TC_WGRAD_CASES["wg-pq16"]
+    g = conv_geometry("t", xs, ws, dtype=dt, **kw)
+    x, _, _, gy = _data(g, dt, 4)
+    igemm_env("s", "32", 3)
+    outs = []
+    for sched in ("forward", "reverse", "random", "warp", "random"):
+        with be.rt.schedule(sched, seed=21 + len(outs)):
+            outs.append(be.weight_grad(x, gy, g))
+    outs.append(be.weight_grad(x, _unaligned_device_view(be.rt, gy), g))
+    for o in outs[1:]:
+        assert np.array_equal(o.view(np.uint16), outs[0].view(np.uint16))
+    assert_close(outs[0], ref.conv_weight_grad(x, gy, ws, **kw), dt)
 
 
 def test_tensor_op_input_grad_phase_weights():
@@ -178,6 +231,24 @@ DG_BUGS = {
 }
 
 
+# weight-grad specific bugs, on a stride-(1, 2) weight grad (P*Q = 32, 4 k-steps) whose
+# grad_out view starts 2 bytes past a 16-byte boundary (only plain loads are aligned)
+WG_BUG_CASE = ((2, 8, 8, 7), (12, 8, 3, 3), dict(stride=(1, 2), padding=1))
+WG_BUGS = {
+    "grad_out copy width ignores the address": (
+        "struct gc_wgtc_b_iter", "(unsigned long long)osp | (reinterpret_cast<unsigned long long>(gy_) >> 1)",
+        "(unsigned long long)osp", ("MemoryAccessError", "AsyncCopyError", "mismatch")),
+    "image carry lost (grad_out rows)": (
+        "struct gc_wgtc_b_iter", "if (o >= osp) { o -= osp; ++img; }", "if (o >= osp) { o -= osp; }",
+        ("mismatch",)),
+    "gather stride lost (input)": (
+        "struct gc_wgtc_a_iter", "x0 = pos.w * g.sw", "x0 = pos.w", ("mismatch",)),
+    "epilogue not transposed": (
+        "gc_igemm_wg_tc(", "outp[((I)grp * g.Kg + n) * Mr + m]", "outp[((I)grp * g.Kg + m) * Mr + n]",
+        ("mismatch", "MemoryAccessError")),
+}
+
+
 def _bug_data(case, seed, passname):
     dt = np_dtype("float16")
     xs, ws, kw = case
@@ -185,6 +256,8 @@ def _bug_data(case, seed, passname):
     x, w, b, gy = _data(g, dt, seed)
     if passname == "forward":
         return passname, (x, w, b, g), ref.conv(x, w, b, **kw)
+    if passname == "weight grad":
+        return passname, (x, gy, g), ref.conv_weight_grad(x, gy, ws, **kw)
     return passname, (gy, w, g), ref.conv_input_grad(gy, w, xs, **kw)
 
 
@@ -198,13 +271,22 @@ def dg_bug_data():
     return _bug_data(DG_BUG_CASE, 10, "input grad")
 
 
+@pytest.fixture(scope="module")
+def wg_bug_data():
+    return _bug_data(WG_BUG_CASE, 11, "weight grad")
+
+
 def _outcome(rt, data):
     from gpuconv._cuda.backend import CudaBackend
     from gpuconv.testing.cudasim import CudaSimError
     passname, args, want = data
     be = CudaBackend(rt)
+    if passname == "weight grad":  # grad_out as a device view 2 bytes past 16-byte alignment
+        args = (args[0], _unaligned_device_view(rt, args[1]), args[2])
     try:
-        got = be.forward(*args) if passname == "forward" else be.input_grad(*args)
+        run = {"forward": be.forward, "input grad": be.input_grad,
+               "weight grad": be.weight_grad}[passname]
+        got = run(*args)
     except CudaSimError as e:
         return e
     if np.isnan(np.asarray(got, np.float64)).any():
@@ -237,10 +319,15 @@ def _check_bug(monkeypatch, data, cfg, bug, site):
 @pytest.mark.parametrize("cfg", ["s", "l"])
 @pytest.mark.parametrize("bug", [None] + list(TC_BUGS))
 def test_tensor_op_injected_bugs_are_caught(monkeypatch, bug_data, bug, cfg):
-    site = None if bug is None else ("gc_igemm_fp_tc(",) + TC_BUGS[bug]
+    site = None if bug is None else ("gc_tc_mainloop(",) + TC_BUGS[bug]
     _check_bug(monkeypatch, bug_data, cfg, bug, site)
 
 
 @pytest.mark.parametrize("bug", [None] + list(DG_BUGS))
 def test_tensor_op_input_grad_injected_bugs_are_caught(monkeypatch, dg_bug_data, bug):
     _check_bug(monkeypatch, dg_bug_data, "s", bug, None if bug is None else DG_BUGS[bug])
+
+
+@pytest.mark.parametrize("bug", [None] + list(WG_BUGS))
+def test_tensor_op_weight_grad_injected_bugs_are_caught(monkeypatch, wg_bug_data, bug):
+    _check_bug(monkeypatch, wg_bug_data, "s", bug, None if bug is None else WG_BUGS[bug])

@@ -66,15 +66,16 @@ def test_simt_main_loops_use_128_bit_shared_loads_and_no_local_memory(report):
 
 def test_tensor_op_entries_use_hmma_ldsm_ldgsts_and_no_local_memory(report):
     _, rows, _ = report
-    tc = [n for n in rows if re.match(r"gpuconv_igemm_fptc_b?f16_[ls]_i(32|64)$", n)]
-    assert len(tc) == 8, tc  # f16/bf16 x l/s x i32/i64
+    tc = [n for n in rows if re.match(r"gpuconv_igemm_(fp|wg)tc_b?f16_[ls]_i(32|64)$", n)]
+    assert len(tc) == 16, tc  # fptc/wgtc x f16/bf16 x l/s x i32/i64
     if not rows[tc[0]]["loop"]:
         pytest.skip("cuobjdump/nvdisasm not found (pip install nvidia-cuda-cuobjdump "
                     "nvidia-cuda-nvdisasm)")
     for n in tc:
         r = rows[n]
         loop, whole = r["loop"], r["sass"]
-        # the common path (no tap change) stays short: index bookkeeping, not the gather
+        # the common path (no tap change; wgtc: no image change) stays short: index
+        # bookkeeping, not the gather
         assert loop["hot_instructions"] <= 260, (n, loop)
         # one BK = 16 step of the warp tile: l 64x32 = 4 x 4 m16n8k16, s 32x32 = 2 x 4;
         # ldmatrix.x4: MI (A, .trans) + NJ/2 (B)

@@ -190,18 +190,22 @@ class CudaBackend:
                                out.shape[1])
 
     def _igemm_wg(self, xc, gyc, g):
-        """Weight grad: split-K GEMM over N*P*Q into partial slices, fixed-order reduce."""
+        """Weight grad: split-K GEMM over N*P*Q into partial slices (tensor-op policy for
+        the half types: gpuconv_igemm_wgtc_*), fixed-order reduce."""
         rt = self.rt
         acc = g.accumulate_dtype
         welems = math.prod(g.w_shape)
-        cfg, grid, splits, chunk = IG.wg_plan(g)
-        c = IG.CONFIGS[cfg]
+        tc = IG.tensor_op(g, _algo())  # half types: the transposed GEMM on tensor ops
+        cfg, grid, splits, chunk = (IG.wg_tc_plan if tc else IG.wg_plan)(g)
+        c = (IG.TC_CONFIGS if tc else IG.CONFIGS)[cfg]
         partial = rt.empty((splits, welems), acc)
         gw = rt.empty(g.w_shape, g.dtype)
-        fn, isuf = self._igemm_fn("wg", g, cfg, xc.size, gyc.size, splits * welems)
+        fn, isuf = self._igemm_fn("wgtc" if tc else "wg", g, cfg, xc.size, gyc.size,
+                                  splits * welems)
         ityp = np.int64 if isuf == "i64" else np.int32
         launch.launch(rt, fn, launch.LaunchConfig(grid, (c["NT"], 1, 1)),
                       (xc, gyc, partial) + geo_args(g) + (ityp(chunk),),
-                      shared_mem=IG.smem_bytes(cfg, acc.itemsize))
+                      shared_mem=(IG.tc_wg_smem_bytes(cfg) if tc
+                                  else IG.smem_bytes(cfg, acc.itemsize)))
         self._igemm_reduce(g, partial, None, gw, splits, 1, 1)
         return gw

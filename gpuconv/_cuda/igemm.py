@@ -57,9 +57,19 @@ def tc_smem_bytes(cfg: str, taps: int) -> int:
             + 4 * TAP_INTS * taps)
 
 
+WGC_INTS = 4  # GC_WGC_INTS: ints per column-table entry of the tensor-op weight grad
+
+
+def tc_wg_smem_bytes(cfg: str) -> int:
+    c = TC_CONFIGS[cfg]
+    return (c["NS"] * (c["BK"] * (c["BM"] + 8) + c["BN"] * (c["BK"] + 8)) * 2
+            + 4 * WGC_INTS * c["BM"])
+
+
 def tensor_op(g, algo: str) -> bool:
-    """The tensor-op policy takes the half types' forward and input grad (every stride
-    phase) unless GPUCONV_CUDA_ALGO=simt forces the engine's SIMT policy."""
+    """The tensor-op policy takes the half types' passes (forward, input grad at every
+    stride phase, weight grad) unless GPUCONV_CUDA_ALGO=simt forces the engine's SIMT
+    policy."""
     return g.dtype.itemsize == 2 and algo != "simt"
 
 
@@ -247,3 +257,21 @@ def wg_plan(g):
     chunk = kchunk(red, max(1, min(want, -(-red // c["BK"]) if red else 1)), c["BK"])
     splits = max(1, -(-red // chunk)) if red > 0 else 1
     return cfg, (ntiles, mtiles, splits), splits, chunk
+
+
+def wg_tc_plan(g):
+    """(config, grid, splits, chunk) of the tensor-op weight grad, the transposed GEMM
+    C' = M' x N' with M' = C/G*taps, N' = K/G (per group), K = N*P*Q: the config by the
+    same rule as the SIMT weight grad, split-K over N*P*Q in chunks of BK = 16
+    (wg_splits; GPUCONV_IGEMM_SPLITS=n forces n)."""
+    red = g.N * math.prod(g.out_spatial)
+    Mr = g.Cg * g.taps
+    cfg = choose_config(Mr, g.Kg, g.groups, red // 4, kind="wg")
+    c = TC_CONFIGS[cfg]
+    mtiles = -(-Mr // c["BM"])
+    ntiles = g.groups * -(-g.Kg // c["BN"])
+    forced = os.environ.get("GPUCONV_IGEMM_SPLITS", "").strip()
+    want = int(forced) if forced else wg_splits(ntiles * mtiles, red, cfg)
+    chunk = kchunk(red, max(1, min(want, -(-red // c["BK"]) if red else 1)), c["BK"])
+    splits = max(1, -(-red // chunk)) if red > 0 else 1
+    return cfg, (mtiles, ntiles, splits), splits, chunk

@@ -105,6 +105,10 @@ def launch_shape(name: str, acc_size: int):
     if m:
         cfg = m.group(1)
         return IG.TC_CONFIGS[cfg]["NT"], IG.tc_smem_bytes(cfg, 9)
+    m = re.match(r"gpuconv_igemm_wgtc_\w+?_([ls])_i(32|64)$", name)
+    if m:
+        cfg = m.group(1)
+        return IG.TC_CONFIGS[cfg]["NT"], IG.tc_wg_smem_bytes(cfg)
     if "fwdtile" in name:
         return 256, (16 * 65 + 16 * 64) * acc_size + 16 * 9
     if "wgradtile" in name:
