@@ -3,6 +3,7 @@ GPU: SASS counts of each configuration's main loop (gpuconv kernels) plus the pl
 CUDA backend would launch for each dense benchmark layer.
 
     python benchmarks/sol.py [--batch 32 8] > table.md
+    python benchmarks/sol.py --tensor-op     # the tensor-op entries' loop bounds
 
 Method (GPU-FACTS.md): per warp and k-step of BK = 8, F math instructions (FFMA/DFMA),
 I instructions issued on the loop's common path (the static loop body without the
@@ -50,6 +51,29 @@ def loop_bounds(rep):
     else:
         f = lambda W: F / max(I, 4 * W)  # noqa: E731
     return dict(F=F, I=I, Ws=w_strict, Wb=w_bcast, strict=f(w_strict), bcast=f(w_bcast))
+
+
+def tc_table(reps):
+    """Markdown rows of the tensor-op entries (fptc / wgtc): issue bound 4H/I (one HMMA
+    per SM per clock is the dense tensor peak: 4 issue clocks of a sub-partition) and
+    shared bound H/W (W: 4 per LDSM.x4 / LDS.128, 1 per LDS.32 / STS, strict)."""
+    out = ["| entry | regs | blocks/SM (warps) | HMMA | LDSM.x4 | LDS (32-bit) | STS | LDGSTS "
+           "| hot instr. | wavefronts | issue 4H/I | shared H/W | bound |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for n in sorted(reps):
+        r = reps[n]
+        if "tc_" not in n or not r.loop:
+            continue
+        c = r.loop
+        H, I = c["HMMA"], c["hot_instructions"]
+        W = (4 * c["LDSM"] + c["hot_LDS"] + 2 * c["hot_LDS.64"] + 4 * c["hot_LDS.128"]
+             + c["hot_STS"] + 2 * c["hot_STS.64"] + 4 * c["hot_STS.128"])
+        iss, sh = 4 * H / I, H / W
+        out.append(f"| {n} | {r.regs} | {r.blocks_per_sm} ({r.warps_per_sm}) | {H} "
+                   f"| {c['LDSM']} | {c['hot_LDS']} | {c['hot_STS']} | {c['LDGSTS']} | {I} "
+                   f"| {W} | {iss:.2f} | {sh:.2f} "
+                   f"| {'issue' if iss <= sh else 'shared'} {min(1.0, iss, sh):.2f} |")
+    return out
 
 
 def layer_rows(layer, batch, dtype, reports):
@@ -106,8 +130,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[32, 8])
     ap.add_argument("--dtype", nargs="+", default=["float32", "float64"])
+    ap.add_argument("--tensor-op", action="store_true",
+                    help="only the per-configuration table of the tensor-op entries")
     args = ap.parse_args(argv)
     reps = {r.name: r for r in R.build_reports("sm_90", None, sass=True, passes=["igemm"])}
+    if args.tensor_op:
+        print("\n".join(tc_table(reps)))
+        return
     print("### Per configuration (sm_90, SASS of the hottest loop: one warp, one k-step of 8)\n")
     print("| entry | regs | threads | blocks/SM | warps/SM | instr static / common path | math "
           "| LDS.128 | other LDS (common path) | STS | wavefronts strict / bcast "

@@ -177,9 +177,9 @@ def backend_info() -> dict:
     out["numpy"]["native_kernels"] = native.status()
     from ._precision import get_float32_precision
     return {"backends": out, "forced": requested_backend(),
-            # 'high' allows TF32 on the GPU; no TF32 kernel exists yet, so float32
-            # runs the exact SIMT path under either setting (tf32_kernels: False)
-            "float32_precision": get_float32_precision(), "tf32_kernels": False}
+            # 'high' lets the CUDA backend run float32's dense passes on TF32 tensor
+            # cores (gpuconv_igemm_fptc_f32_*, _wgtc_f32_*); 'highest' and the CPU stay exact
+            "float32_precision": get_float32_precision(), "tf32_kernels": True}
 
 
 def available_backends() -> list:

@@ -160,6 +160,10 @@ __device__ __forceinline__ R gc_gather_read(const S* p) { return (R)gc_load(p); 
 template <>
 __device__ __forceinline__ unsigned short gc_gather_read<unsigned short, unsigned short>(
     const unsigned short* p) { return *p; }
+template <>  // float32 for the TF32 tensor-op policy: rounded once, here (cvt.rna.tf32.f32)
+__device__ __forceinline__ unsigned gc_gather_read<unsigned, float>(const float* p) {
+  return gc_f32_to_tf32(*p);
+}
 
 // A operand of the forward (the gather), for both policies: thread owns GEMM row am
 // (m-fast, so consecutive threads read consecutive output positions) and reduction rows
@@ -308,6 +312,26 @@ struct gc_fp_b_iter {
   }
 };
 
+// This block's tile of a forward-like problem (both policies): grid x over M tiles, grid y
+// over groups * N tiles, grid z over the split-K slices of p.kchunk reduction indices.
+template <typename I, class CFG>
+struct gc_fp_tile {
+  int T, Kred, grp, n0, k_begin, k_end, steps;
+  I M, m0;
+  __device__ __forceinline__ gc_fp_tile(const gc_fp& p) {
+    T = p.TD * p.TH * p.TW;
+    Kred = p.Cg * T;
+    M = (I)p.Nimg * p.MD * p.MH * p.MW;
+    const int ntiles = (p.Ng + CFG::BN - 1) / CFG::BN;
+    grp = blockIdx.y / ntiles;
+    n0 = (blockIdx.y % ntiles) * CFG::BN;
+    m0 = (I)blockIdx.x * CFG::BM;
+    k_begin = blockIdx.z * p.kchunk;
+    k_end = gc_min(Kred, k_begin + p.kchunk);
+    steps = k_end > k_begin ? (k_end - k_begin + CFG::BK - 1) / CFG::BK : 0;
+  }
+};
+
 // Shared bytes of the engine's tiles (two stages of A and B) before the tap table.
 template <class CFG, typename A>
 struct gc_igemm_smem {
@@ -354,16 +378,10 @@ __device__ __forceinline__ void gc_igemm_fp(const T* __restrict__ src, const T* 
   A* As = reinterpret_cast<A*>(gc_smem);    // [2][BK][LDA]
   A* Bs = As + 2 * CFG::BK * CFG::LDA;      // [2][BK][LDB]
   int* tab = reinterpret_cast<int*>(Bs + 2 * CFG::BK * CFG::LDB);  // [T][GC_TAP_INTS]
-  const int T_ = p.TD * p.TH * p.TW;
-  const int Kred = p.Cg * T_;
-  const I M = (I)p.Nimg * p.MD * p.MH * p.MW;
-  const int ntiles = (p.Ng + CFG::BN - 1) / CFG::BN;
-  const int grp = blockIdx.y / ntiles;
-  const int n0 = (blockIdx.y % ntiles) * CFG::BN;
-  const I m0 = (I)blockIdx.x * CFG::BM;
-  const int k_begin = blockIdx.z * p.kchunk;
-  const int k_end = gc_min(Kred, k_begin + p.kchunk);
-  const int steps = k_end > k_begin ? (k_end - k_begin + CFG::BK - 1) / CFG::BK : 0;
+  const gc_fp_tile<I, CFG> bt(p);
+  const int T_ = bt.T, Kred = bt.Kred, grp = bt.grp, n0 = bt.n0;
+  const int k_begin = bt.k_begin, k_end = bt.k_end, steps = bt.steps;
+  const I M = bt.M, m0 = bt.m0;
   const int tid = threadIdx.x;
 
   gc_fp_taps(tab, p, T_, tid, CFG::NT);
@@ -604,22 +622,36 @@ __device__ __forceinline__ void gc_igemm_wg(const T* __restrict__ x, const T* __
 //     n-major tile; mma.sync m16n8k16, float32 accumulators;
 //   * epilogue: bias added in float32, one rounding (or raw float32 partials under
 //     split-K, summed by gc_igemm_reduce).
-template <int BM_, int BN_, int WM_, int WN_>
+// ESZ: operand element bytes in shared memory -- 2 (float16/bfloat16: m16n8k16) or 4
+// (float32 as TF32: m16n8k8).  One k-step of the MMA per stage: BK = 16 halves or 8 TF32
+// values, 32 bytes of a row either way; E is the element's storage type.
+template <int ESZ> struct gc_tc_elem { typedef unsigned short type; };
+template <> struct gc_tc_elem<4> { typedef unsigned type; };
+template <int BM_, int BN_, int WM_, int WN_, int ESZ_ = 2>
 struct gc_tc_cfg {
+  typedef typename gc_tc_elem<ESZ_>::type E;
   enum {
-    BM = BM_, BN = BN_, BK = 16, NS = 3, WM = WM_, WN = WN_, NT = 32 * WM * WN,
+    ESZ = ESZ_, BM = BM_, BN = BN_, BK = 32 / ESZ_, LOG_BK = ESZ_ == 2 ? 4 : 3, NS = 3,
+    MAX_LV = ESZ_ == 2 ? 3 : 2,    // log2 of the elements of a 16-byte copy
+    WM = WM_, WN = WN_, NT = 32 * WM * WN,
     WTM = BM / WM, WTN = BN / WN,  // warp tile
     MI = WTM / 16, NJ = WTN / 8,   // mma tiles per warp
-    LDA = BM + 8, LDB = BK + 8,    // shared row strides (halves)
-    A_ST = BK * LDA, B_ST = BN * LDB,  // stage sizes (halves)
+    LDA = BM + 8, LDB = BK + 16 / ESZ_,  // shared row strides (elements; B rows 48 bytes)
+    A_ST = BK * LDA, B_ST = BN * LDB,  // stage sizes (elements)
     AE = BM * BK / NT, ARS = NT / BM   // A loader: elements a thread, k rows apart
   };
   static_assert(MI >= 1 && NJ % 2 == 0, "warp tile: m16 x (2 n8) multiples");
   static_assert(NT % BM == 0 && AE * ARS == BK, "A loader mapping");
-  static_assert((LDA * 2) % 16 == 0 && (LDB * 2) % 16 == 0, "16-byte ldmatrix rows");
+  static_assert((LDA * ESZ) % 16 == 0 && (LDB * ESZ) % 16 == 0, "16-byte ldmatrix rows");
 };
 typedef gc_tc_cfg<128, 128, 2, 4> gc_tc_l;  // 256 threads, warp tile 64 x 32
 typedef gc_tc_cfg<64, 64, 2, 2> gc_tc_s;    // 128 threads, warp tile 32 x 32
+// TF32 (float32 under precision "high"): the same tiles, 8-deep k-steps of 32-bit values
+typedef gc_tc_cfg<128, 128, 2, 4, 4> gc_tc32_l;
+typedef gc_tc_cfg<64, 64, 2, 2, 4> gc_tc32_s;
+template <typename T, class CFG> struct gc_tc_cfg_for { typedef CFG type; };
+template <> struct gc_tc_cfg_for<float, gc_tc_l> { typedef gc_tc32_l type; };
+template <> struct gc_tc_cfg_for<float, gc_tc_s> { typedef gc_tc32_s type; };
 
 template <typename T> struct gc_tc_mma;
 template <> struct gc_tc_mma<gc_half> {
@@ -632,11 +664,30 @@ template <> struct gc_tc_mma<gc_bf16> {
     gc_mma_m16n8k16_bf16(d, a, b, d);
   }
 };
+template <> struct gc_tc_mma<float> {  // operands already TF32 (rounded by gc_f32_to_tf32)
+  static __device__ __forceinline__ void run(float d[4], const unsigned a[4], const unsigned b[2]) {
+    gc_mma_m16n8k8_tf32(d, a, b, d);
+  }
+};
+
+// Storage type of a tensor-op operand in global memory (S) and what reaches shared memory
+// (the gather's register type, CFG::E): half types move their 16-bit patterns unconverted;
+// float32 is rounded to TF32 (cvt.rna) on the way (gc_gather_read<unsigned, float>), and
+// its reordered weight holds TF32 values already (gc_tc_prep).
+template <typename T> struct gc_tc_src { typedef unsigned short type; };
+template <> struct gc_tc_src<float> { typedef float type; };
+template <typename T>
+__device__ __forceinline__ T gc_tc_prep(T v) { return v; }
+template <>
+__device__ __forceinline__ float gc_tc_prep<float>(float v) {
+  return __uint_as_float(gc_f32_to_tf32(v));
+}
 
 // A operand of the tensor-op forward: the same gather as the SIMT forward, moving the
-// 16-bit patterns unconverted.
-template <typename I, class CFG>
-using gc_tc_a_iter = gc_gather_a_iter<unsigned short, unsigned short, I, CFG::AE, CFG::ARS, CFG>;
+// 16-bit patterns unconverted (or rounding float32 to TF32).
+template <typename T, typename I, class CFG>
+using gc_tc_a_iter = gc_gather_a_iter<typename gc_tc_src<T>::type, typename CFG::E, I, CFG::AE,
+                                      CFG::ARS, CFG>;
 
 // The weight reordered for the tensor-op policy, for any forward-like problem p (the
 // forward, or one stride phase of the input grad): wr[((grp*Ng + n)*T + t)*Cg + c] =
@@ -645,7 +696,7 @@ using gc_tc_a_iter = gc_gather_a_iter<unsigned short, unsigned short, I, CFG::AE
 // tap-major reduction index k = t*Cg + c.  Forward: [K][taps][C/G] (a transpose of the
 // last two dims); input grad: per phase [G][C/G][phase taps][K/G], the transposed weight
 // restricted to the phase's taps, flipped where the tap order runs backwards (tb < 0).
-// One pass over the (small) weight per call and phase.
+// One pass over the (small) weight per call and phase; float32 is rounded to TF32 here.
 template <typename T>
 __device__ __forceinline__ void gc_igemm_wreorder(const T* __restrict__ w, T* __restrict__ wr,
                                                   const gc_fp p, long long total) {
@@ -660,42 +711,61 @@ __device__ __forceinline__ void gc_igemm_wreorder(const T* __restrict__ w, T* __
     const int tw = t % p.TW, th = (t / p.TW) % p.TH, td = t / (p.TW * p.TH);
     const int wtap = ((p.trd + p.tsd * td) * p.KH + (p.trh + p.tsh * th)) * p.KW +
                      (p.trw + p.tsw * tw);
-    wr[e] = w[(long long)grp * p.wg + (long long)n * p.wn + (long long)c * p.wc + wtap];
+    wr[e] = gc_tc_prep(w[(long long)grp * p.wg + (long long)n * p.wn + (long long)c * p.wc + wtap]);
   }
 }
 
+// Widest copy (log2 elements, <= CFG::MAX_LV: 16 bytes) that keeps every copy of rows
+// `a` elements apart aligned (a: the row stride, or'ed with anything else that must be).
+template <class CFG>
+__device__ __forceinline__ int gc_tc_copy_lv(unsigned long long a) {
+  int lv = CFG::MAX_LV;
+  while (lv > 0 && (a & ((1ull << lv) - 1))) --lv;
+  return lv;
+}
+
+// One copy of `left` (<= 1 << lv; <= 0: none, zero-fill) elements into shared memory:
+// cp.async of ESZ << lv = 16, 8 or 4 bytes, or a plain 16-bit load (halves, lv = 0).
+template <class CFG>
+__device__ __forceinline__ void gc_tc_copy(typename CFG::E* d, const typename CFG::E* s,
+                                           int left, int lv) {
+  const int bytes = left > 0 ? CFG::ESZ * left : 0;
+  const int width = CFG::ESZ << lv;
+  if (width == 16) gc_cp_async_16(d, s, bytes);
+  else if (width == 8) gc_cp_async_8(d, s, bytes);
+  else if (width == 4) gc_cp_async_4(d, s, bytes);
+  else *d = left > 0 ? *s : (typename CFG::E)0;
+}
+
 // B operand (the weight rows, contiguous along k): one stage's copies.  lv = log2 of the
-// elements per copy (3: 16 bytes, 2: 8, 1: 4; 0: plain loads, Cg*T odd).
+// elements per copy (gc_tc_copy_lv of the row length Cg*T).
 template <typename I, class CFG>
-__device__ __forceinline__ void gc_tc_load_b(unsigned short* __restrict__ Bs,
-                                             const unsigned short* __restrict__ wt, I wbase,
+__device__ __forceinline__ void gc_tc_load_b(typename CFG::E* __restrict__ Bs,
+                                             const typename CFG::E* __restrict__ wt, I wbase,
                                              I wn, int nlim, int k0, int k_end, int lv,
                                              int tid) {
-  const int per_row_shift = 4 - lv;  // copies per row = BK >> lv
+  const int per_row_shift = CFG::LOG_BK - lv;  // copies per row = BK >> lv
   const int copies = CFG::BN << per_row_shift;
   for (int e = tid; e < copies; e += CFG::NT) {
     const int n = e >> per_row_shift;
     const int kk = (e & ((1 << per_row_shift) - 1)) << lv;
-    unsigned short* d = Bs + n * CFG::LDB + kk;
     const int k = k0 + kk;
     const bool nv = n < nlim;
     const int left = nv ? gc_min(k_end - k, 1 << lv) : 0;  // elements to read
-    const unsigned short* s = wt + (left > 0 ? wbase + (I)n * wn + k : (I)0);
-    const int bytes = left > 0 ? 2 * left : 0;
-    if (lv == 3) gc_cp_async_16(d, s, bytes);
-    else if (lv == 2) gc_cp_async_8(d, s, bytes);
-    else if (lv == 1) gc_cp_async_4(d, s, bytes);
-    else *d = left > 0 ? *s : (unsigned short)0;
+    gc_tc_copy<CFG>(Bs + n * CFG::LDB + kk, wt + (left > 0 ? wbase + (I)n * wn + k : (I)0),
+                    left, lv);
   }
 }
 
 // The tensor-op main loop of every tensor-op problem (forward-like and weight grad): NS
 // shared stages, one barrier per step.  Operand A is gathered into registers one step
 // ahead (la(s): global -> registers for step s; sa(stage): registers -> shared, after the
-// step's MMAs), operand B copied by cp.async NS-1 steps ahead (lb(stage, s)); A tile
-// [BK][LDA] (m fast) read by ldmatrix.x4.trans, B tile [BN][LDB] (k fast) by ldmatrix.x4.
-template <typename T, class CFG, class LoadA, class StoreA, class LoadB>
-__device__ __forceinline__ void gc_tc_mainloop(unsigned short* As, unsigned short* Bs,
+// step's MMAs), operand B copied by cp.async NS-1 steps ahead (lb(stage, s); ROUND_B: its
+// float32 fragments rounded to TF32 after ldmatrix, for a B that cannot be pre-rounded); A tile
+// [BK][LDA] (m fast) read by ldmatrix.x4.trans (TF32: 32-bit elements, four conflict-free
+// LDS.32 per fragment, LDA = 8 mod 32 banks), B tile [BN][LDB] (k fast) by ldmatrix.x4.
+template <typename T, class CFG, bool ROUND_B = false, class LoadA, class StoreA, class LoadB>
+__device__ __forceinline__ void gc_tc_mainloop(typename CFG::E* As, typename CFG::E* Bs,
                                                float (&acc)[CFG::MI][CFG::NJ][4], int steps,
                                                LoadA la, StoreA sa, LoadB lb, int lane, int wm,
                                                int wn) {
@@ -712,7 +782,8 @@ __device__ __forceinline__ void gc_tc_mainloop(unsigned short* As, unsigned shor
   // lane's ldmatrix row addresses (halves, within a stage)
   const int li = lane >> 3, lr = lane & 7;
   const int a_off = (lr + (li >> 1) * 8) * CFG::LDA + wm * CFG::WTM + (li & 1) * 8;
-  const int b_off = (wn * CFG::WTN + (li >> 1) * 8 + lr) * CFG::LDB + (li & 1) * 8;
+  const int a_off32 = (lane & 3) * CFG::LDA + wm * CFG::WTM + (lane >> 2);  // TF32: A[g][t]
+  const int b_off = (wn * CFG::WTN + (li >> 1) * 8 + lr) * CFG::LDB + (li & 1) * (CFG::BK / 2);
 
   for (int s = 0; s < steps; ++s) {
     const int cur = s % CFG::NS;
@@ -725,11 +796,21 @@ __device__ __forceinline__ void gc_tc_mainloop(unsigned short* As, unsigned shor
       la(s + CFG::NS - 1);  // in flight during the MMAs below
     }
     gc_cp_async_commit();
-    const unsigned short* as = As + cur * CFG::A_ST;
-    const unsigned short* bs = Bs + cur * CFG::B_ST;
+    const typename CFG::E* as = As + cur * CFG::A_ST;
+    const typename CFG::E* bs = Bs + cur * CFG::B_ST;
     unsigned af[CFG::MI][4], bf[CFG::NJ][2];
 #pragma unroll
-    for (int i = 0; i < CFG::MI; ++i) gc_ldmatrix_x4_trans(af[i], as + a_off + i * 16);
+    for (int i = 0; i < CFG::MI; ++i) {
+      if (CFG::ESZ == 2) {
+        gc_ldmatrix_x4_trans(af[i], as + a_off + i * 16);
+      } else {  // a[0] = A[g][t], a[1] = A[g+8][t], a[2] = A[g][t+4], a[3] = A[g+8][t+4]
+        const typename CFG::E* q = as + a_off32 + i * 16;
+        af[i][0] = q[0];
+        af[i][1] = q[8];
+        af[i][2] = q[4 * CFG::LDA];
+        af[i][3] = q[4 * CFG::LDA + 8];
+      }
+    }
 #pragma unroll
     for (int j = 0; j < CFG::NJ; j += 2) {
       unsigned r[4];
@@ -739,6 +820,12 @@ __device__ __forceinline__ void gc_tc_mainloop(unsigned short* As, unsigned shor
       bf[j + 1][0] = r[2];
       bf[j + 1][1] = r[3];
     }
+    if (ROUND_B)  // B copied as float32 (TF32 weight grad): cvt.rna each fragment register
+#pragma unroll
+      for (int j = 0; j < CFG::NJ; ++j) {
+        bf[j][0] = gc_f32_to_tf32(__uint_as_float(bf[j][0]));
+        bf[j][1] = gc_f32_to_tf32(__uint_as_float(bf[j][1]));
+      }
 #pragma unroll
     for (int i = 0; i < CFG::MI; ++i)
 #pragma unroll
@@ -753,26 +840,21 @@ __device__ __forceinline__ void gc_igemm_fp_tc(const T* __restrict__ src_, const
                                                const T* __restrict__ bias, T* __restrict__ out,
                                                float* __restrict__ partial, const gc_fp p,
                                                int has_bias, int split) {
+  typedef typename CFG::E E;
   extern __shared__ __align__(16) unsigned char gc_smem[];
-  unsigned short* As = reinterpret_cast<unsigned short*>(gc_smem);  // [NS][BK][LDA]
-  unsigned short* Bs = As + CFG::NS * CFG::A_ST;                     // [NS][BN][LDB]
-  int* tab = reinterpret_cast<int*>(Bs + CFG::NS * CFG::B_ST);       // [T][GC_TAP_INTS]
-  const unsigned short* src = reinterpret_cast<const unsigned short*>(src_);
-  const unsigned short* wt = reinterpret_cast<const unsigned short*>(wt_);
-  const int T_ = p.TD * p.TH * p.TW;
-  const int Kred = p.Cg * T_;
-  const I M = (I)p.Nimg * p.MD * p.MH * p.MW;
-  const int ntiles = (p.Ng + CFG::BN - 1) / CFG::BN;
-  const int grp = blockIdx.y / ntiles;
-  const int n0 = (blockIdx.y % ntiles) * CFG::BN;
-  const I m0 = (I)blockIdx.x * CFG::BM;
-  const int k_begin = blockIdx.z * p.kchunk;
-  const int k_end = gc_min(Kred, k_begin + p.kchunk);
-  const int steps = k_end > k_begin ? (k_end - k_begin + CFG::BK - 1) / CFG::BK : 0;
+  E* As = reinterpret_cast<E*>(gc_smem);                         // [NS][BK][LDA]
+  E* Bs = As + CFG::NS * CFG::A_ST;                              // [NS][BN][LDB]
+  int* tab = reinterpret_cast<int*>(Bs + CFG::NS * CFG::B_ST);   // [T][GC_TAP_INTS]
+  const typename gc_tc_src<T>::type* src = reinterpret_cast<const typename gc_tc_src<T>::type*>(src_);
+  const E* wt = reinterpret_cast<const E*>(wt_);
+  const gc_fp_tile<I, CFG> bt(p);
+  const int T_ = bt.T, Kred = bt.Kred, grp = bt.grp, n0 = bt.n0;
+  const int k_begin = bt.k_begin, k_end = bt.k_end, steps = bt.steps;
+  const I M = bt.M, m0 = bt.m0;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp / CFG::WN, wn = warp % CFG::WN;
   // widest copy the weight's alignment allows (k_begin is a multiple of BK)
-  const int lv = (Kred & 7) == 0 ? 3 : (Kred & 3) == 0 ? 2 : (Kred & 1) == 0 ? 1 : 0;
+  const int lv = gc_tc_copy_lv<CFG>((unsigned long long)Kred);
   // the reordered weight (gc_igemm_wreorder): column n's row at (grp*Ng + n) * Kred
   const I wbase = ((I)grp * p.Ng + n0) * Kred;
   const I wnI = Kred;
@@ -787,14 +869,14 @@ __device__ __forceinline__ void gc_igemm_fp_tc(const T* __restrict__ src_, const
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
   __syncthreads();  // tap table ready
-  gc_tc_a_iter<I, CFG> ita;
+  gc_tc_a_iter<T, I, CFG> ita;
   ita.init(src, tab, p, grp, m0, M, k_begin, tid);
-  unsigned short ra[gc_tc_a_iter<I, CFG>::E];
+  E ra[gc_tc_a_iter<T, I, CFG>::E];
   gc_tc_mainloop<T, CFG>(
       As, Bs, acc, steps,
       [&](int s) { ita.load(ra, tab, p, k_begin + s * CFG::BK, k_end); },
-      [&](unsigned short* st) { ita.store(st, ra); },
-      [&](unsigned short* st, int s) {
+      [&](E* st) { ita.store(st, ra); },
+      [&](E* st, int s) {
         gc_tc_load_b<I, CFG>(st, wt, wbase, wnI, nlim, k_begin + s * CFG::BK, k_end, lv, tid);
       },
       lane, wm, wn);
@@ -853,15 +935,16 @@ __device__ __forceinline__ void gc_igemm_fp_tc(const T* __restrict__ src_, const
 //     stepped by BK with one carry.
 #define GC_WGC_INTS 4  // column-table entry: channel c, tap offsets dz, dy, dx
 
-template <typename I, class CFG>
+template <typename S, typename I, class CFG>
 struct gc_wgtc_a_iter {
+  typedef typename CFG::E E_;
   enum { E = CFG::BM * CFG::BK / CFG::NT, CS = CFG::NT / CFG::BK };
-  const unsigned short* __restrict__ x;
+  const S* __restrict__ x;
   I base, cdhw, dhw;
   int ak, am;
   gc_opos pos, step;
 
-  __device__ __forceinline__ void init(const unsigned short* __restrict__ x_, const gc_geo& g,
+  __device__ __forceinline__ void init(const S* __restrict__ x_, const gc_geo& g,
                                        int grp, I r_begin, int tid) {
     x = x_;
     ak = tid % CFG::BK;
@@ -873,7 +956,7 @@ struct gc_wgtc_a_iter {
     step = gc_opos_of(CFG::BK, g);
   }
 
-  __device__ __forceinline__ void load(unsigned short (&r)[E], const int* col, const gc_geo& g,
+  __device__ __forceinline__ void load(E_ (&r)[E], const int* col, const gc_geo& g,
                                        I r0, I r_end) {
     const bool kv = r0 + ak < r_end;
     const int z0 = pos.d * g.sd, y0 = pos.h * g.sh, x0 = pos.w * g.sw;
@@ -884,13 +967,13 @@ struct gc_wgtc_a_iter {
       const int z = z0 + e[1], y = y0 + e[2], xx = x0 + e[3];
       const bool in = kv && (unsigned)z < (unsigned)g.D && (unsigned)y < (unsigned)g.H &&
                       (unsigned)xx < (unsigned)g.W;
-      r[i] = in ? x[b + (I)e[0] * dhw + ((I)e[1] * g.H + e[2]) * g.W + e[3]] : (unsigned short)0;
+      r[i] = in ? gc_gather_read<E_>(x + (b + (I)e[0] * dhw + ((I)e[1] * g.H + e[2]) * g.W + e[3]))
+                : E_(0);
     }
     gc_opos_add(pos, step, g);
   }
 
-  __device__ __forceinline__ void store(unsigned short* __restrict__ As,
-                                        const unsigned short (&r)[E]) const {
+  __device__ __forceinline__ void store(E_* __restrict__ As, const E_ (&r)[E]) const {
 #pragma unroll
     for (int i = 0; i < E; ++i) As[ak * CFG::LDA + am + CS * i] = r[i];
   }
@@ -899,20 +982,19 @@ struct gc_wgtc_a_iter {
 // B': grad_out rows of output channels n0 + n, one stage's copies (lv as gc_tc_load_b).
 template <typename I, class CFG>
 struct gc_wgtc_b_iter {
-  const unsigned short* __restrict__ gy;
+  const typename CFG::E* __restrict__ gy;
   I rowbase, img, o, osp, kstride;
   I s_img, s_o;
   int kk, n_first, nlim, lv, shift;
 
-  __device__ __forceinline__ void init(const unsigned short* __restrict__ gy_, const gc_geo& g,
+  __device__ __forceinline__ void init(const typename CFG::E* __restrict__ gy_, const gc_geo& g,
                                        int grp, int n0, I r_begin, int tid) {
     gy = gy_;
     osp = (I)g.OD * g.OH * g.OW;
     // widest copy that P*Q and the tensor's address allow (a caller's view may start
     // anywhere)
-    const unsigned long long a = (unsigned long long)osp | (reinterpret_cast<unsigned long long>(gy_) >> 1);
-    lv = (a & 7) == 0 ? 3 : (a & 3) == 0 ? 2 : (a & 1) == 0 ? 1 : 0;
-    shift = 4 - lv;  // copies per row = BK >> lv
+    lv = gc_tc_copy_lv<CFG>((unsigned long long)osp | (reinterpret_cast<unsigned long long>(gy_) / CFG::ESZ));
+    shift = CFG::LOG_BK - lv;  // copies per row = BK >> lv
     kk = (tid & ((1 << shift) - 1)) << lv;
     n_first = tid >> shift;
     nlim = g.Kg - n0;
@@ -925,20 +1007,14 @@ struct gc_wgtc_b_iter {
     s_o = CFG::BK % osp;
   }
 
-  __device__ __forceinline__ void load(unsigned short* __restrict__ Bs, I r0, I r_end) {
+  __device__ __forceinline__ void load(typename CFG::E* __restrict__ Bs, I r0, I r_end) {
     const I k = r0 + kk;
     const I left_ = r_end - k;
     const int left = left_ <= 0 ? 0 : left_ < (1 << lv) ? (int)left_ : (1 << lv);
     const I off = rowbase + img * kstride + o;
     for (int n = n_first; n < CFG::BN; n += CFG::NT >> shift) {
-      unsigned short* d = Bs + n * CFG::LDB + kk;
       const int cnt = n < nlim ? left : 0;
-      const unsigned short* sp = gy + (cnt > 0 ? off + (I)n * osp : (I)0);
-      const int bytes = 2 * cnt;
-      if (lv == 3) gc_cp_async_16(d, sp, bytes);
-      else if (lv == 2) gc_cp_async_8(d, sp, bytes);
-      else if (lv == 1) gc_cp_async_4(d, sp, bytes);
-      else *d = cnt > 0 ? *sp : (unsigned short)0;
+      gc_tc_copy<CFG>(Bs + n * CFG::LDB + kk, gy + (cnt > 0 ? off + (I)n * osp : (I)0), cnt, lv);
     }
     o += s_o;
     img += s_img;
@@ -950,12 +1026,14 @@ template <typename T, typename I, class CFG>
 __device__ __forceinline__ void gc_igemm_wg_tc(const T* __restrict__ x_, const T* __restrict__ gy_,
                                                float* __restrict__ partial, const gc_geo g,
                                                I chunk) {
+  typedef typename CFG::E E;
+  typedef typename gc_tc_src<T>::type S;
   extern __shared__ __align__(16) unsigned char gc_smem[];
-  unsigned short* As = reinterpret_cast<unsigned short*>(gc_smem);  // [NS][BK][LDA]
-  unsigned short* Bs = As + CFG::NS * CFG::A_ST;                     // [NS][BN][LDB]
-  int* col = reinterpret_cast<int*>(Bs + CFG::NS * CFG::B_ST);       // [BM][GC_WGC_INTS]
-  const unsigned short* x = reinterpret_cast<const unsigned short*>(x_);
-  const unsigned short* gy = reinterpret_cast<const unsigned short*>(gy_);
+  E* As = reinterpret_cast<E*>(gc_smem);                        // [NS][BK][LDA]
+  E* Bs = As + CFG::NS * CFG::A_ST;                             // [NS][BN][LDB]
+  int* col = reinterpret_cast<int*>(Bs + CFG::NS * CFG::B_ST);  // [BM][GC_WGC_INTS]
+  const S* x = reinterpret_cast<const S*>(x_);
+  const E* gy = reinterpret_cast<const E*>(gy_);
   const int taps = g.KD * g.KH * g.KW;
   const int Mr = g.Cg * taps;  // GEMM rows (c, tap) = the weight's inner index
   const I red = (I)g.N * g.OD * g.OH * g.OW;
@@ -995,16 +1073,17 @@ __device__ __forceinline__ void gc_igemm_wg_tc(const T* __restrict__ x_, const T
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
   __syncthreads();  // column table ready
-  gc_wgtc_a_iter<I, CFG> ita;
+  gc_wgtc_a_iter<S, I, CFG> ita;
   gc_wgtc_b_iter<I, CFG> itb;
   ita.init(x, g, grp, r_begin, tid);
   itb.init(gy, g, grp, n0, r_begin, tid);
-  unsigned short ra[gc_wgtc_a_iter<I, CFG>::E];
-  gc_tc_mainloop<T, CFG>(
+  E ra[gc_wgtc_a_iter<S, I, CFG>::E];
+  // TF32: grad_out arrives by cp.async as float32 and is rounded in its fragments
+  gc_tc_mainloop<T, CFG, CFG::ESZ == 4>(
       As, Bs, acc, steps,
       [&](int s) { ita.load(ra, col, g, r_begin + (I)s * CFG::BK, r_end); },
-      [&](unsigned short* st) { ita.store(st, ra); },
-      [&](unsigned short* st, int s) { itb.load(st, r_begin + (I)s * CFG::BK, r_end); },
+      [&](E* st) { ita.store(st, ra); },
+      [&](E* st, int s) { itb.load(st, r_begin + (I)s * CFG::BK, r_end); },
       lane, wm, wn);
 
   // epilogue: C'[m][n] = grad_w[grp*Kg + n][m] of slice blockIdx.z

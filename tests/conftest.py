@@ -178,6 +178,22 @@ def sim_backend():
     return be
 
 
+@pytest.fixture
+def igemm_env(monkeypatch):
+    """The implicit-GEMM engine forced (GPUCONV_CUDA_ALGO=igemm); call it with (tile config,
+    index width '32'/'64', split-K slices or None for the automatic rule)."""
+    monkeypatch.setenv("GPUCONV_CUDA_ALGO", "igemm")
+
+    def set_(cfg, index, splits):
+        monkeypatch.setenv("GPUCONV_IGEMM_CONFIG", cfg)
+        monkeypatch.setenv("GPUCONV_CUDA_INDEX", "64" if index == "64" else "")
+        if splits is None:
+            monkeypatch.delenv("GPUCONV_IGEMM_SPLITS", raising=False)
+        else:
+            monkeypatch.setenv("GPUCONV_IGEMM_SPLITS", str(splits))
+    return set_
+
+
 def np_dtype(name):
     """The NumPy dtype of a dtype name; bfloat16 needs ml_dtypes (skips without it).
     Test modules import it with ``from conftest import np_dtype``."""

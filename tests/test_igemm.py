@@ -46,20 +46,6 @@ def _data(g, dtype, seed):
     return mk(g.x_shape), mk(g.w_shape), mk((g.K,)), mk(g.y_shape)
 
 
-@pytest.fixture
-def igemm_env(monkeypatch):
-    monkeypatch.setenv("GPUCONV_CUDA_ALGO", "igemm")
-
-    def set_(cfg, index, splits):
-        monkeypatch.setenv("GPUCONV_IGEMM_CONFIG", cfg)
-        monkeypatch.setenv("GPUCONV_CUDA_INDEX", "64" if index == "64" else "")
-        if splits is None:
-            monkeypatch.delenv("GPUCONV_IGEMM_SPLITS", raising=False)
-        else:
-            monkeypatch.setenv("GPUCONV_IGEMM_SPLITS", str(splits))
-    return set_
-
-
 def _run_cases(be, dt, schedule, cases, seed0=0):
     for i, (name, (xs, ws, kw)) in enumerate(cases.items()):
         g = conv_geometry("t", xs, ws, dtype=dt, **kw)
@@ -94,7 +80,7 @@ def test_every_engine_entry_point_every_schedule(sim_backend, igemm_env, monkeyp
     be = sim_backend
     dt = np_dtype(dtype)
     igemm_env(cfg, index, splits)
-    monkeypatch.setattr(IG, "tensor_op", lambda g, algo: False)
+    monkeypatch.setattr(IG, "tensor_op", lambda g, algo, pass_name="fp": False)
     be.called.clear()
     _run_cases(be, dt, schedule, CASES)
     suf, i = SUFFIX[dtype], "i64" if index == "64" else "i32"

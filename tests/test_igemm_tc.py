@@ -18,7 +18,7 @@ from gpuconv._geometry import conv_geometry
 from gpuconv.testing import assert_close
 
 from conftest import np_dtype
-from test_igemm import CASES, SUFFIX, _data, igemm_env  # noqa: F401
+from test_igemm import CASES, SUFFIX, _data
 
 HALF = ["float16", "bfloat16"]
 # extra forward cases: C*taps % 8 == 0 (16-byte copies), % 4 (8-byte), % 2 (4-byte), odd;
@@ -205,8 +205,8 @@ TC_BUGS = {
         "gc_cp_async_wait<CFG::NS - 2>();  // this thread",
         "gc_cp_async_wait<CFG::NS - 1>();  // this thread", ("AsyncCopyError",)),
     "wrong stage index": (
-        "const unsigned short* bs = Bs + cur * CFG::B_ST;",
-        "const unsigned short* bs = Bs + nxt * CFG::B_ST;", ("AsyncCopyError", "mismatch")),
+        "const typename CFG::E* bs = Bs + cur * CFG::B_ST;",
+        "const typename CFG::E* bs = Bs + nxt * CFG::B_ST;", ("AsyncCopyError", "mismatch")),
     "wrong ldmatrix row (A)": (
         "const int a_off = (lr + (li >> 1) * 8)", "const int a_off = (lr + (li & 1) * 8)",
         ("mismatch",)),
@@ -236,7 +236,7 @@ DG_BUGS = {
 WG_BUG_CASE = ((2, 8, 8, 7), (12, 8, 3, 3), dict(stride=(1, 2), padding=1))
 WG_BUGS = {
     "grad_out copy width ignores the address": (
-        "struct gc_wgtc_b_iter", "(unsigned long long)osp | (reinterpret_cast<unsigned long long>(gy_) >> 1)",
+        "struct gc_wgtc_b_iter", "(unsigned long long)osp | (reinterpret_cast<unsigned long long>(gy_) / CFG::ESZ)",
         "(unsigned long long)osp", ("MemoryAccessError", "AsyncCopyError", "mismatch")),
     "image carry lost (grad_out rows)": (
         "struct gc_wgtc_b_iter", "if (o >= osp) { o -= osp; ++img; }", "if (o >= osp) { o -= osp; }",

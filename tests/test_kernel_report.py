@@ -64,10 +64,23 @@ def test_simt_main_loops_use_128_bit_shared_loads_and_no_local_memory(report):
         assert whole["LDL"] == 0 and whole["STL"] == 0, (n, whole)
 
 
-def test_tensor_op_entries_use_hmma_ldsm_ldgsts_and_no_local_memory(report):
+# tensor-op families: (entry pattern, entries, LDSM.x4 per k-step as a function of MI).  One
+# BK step of the warp tile (l 64x32: MI = 4, s 32x32: MI = 2; NJ = 4): MI x NJ HMMA
+# (m16n8k16 for the half types, m16n8k8 for TF32); halves: ldmatrix.x4 MI (A, .trans) +
+# NJ/2 (B); TF32: NJ/2 (B) only, A by 4 LDS.32 per m16 tile (no .trans for 32-bit
+# elements; the TF32 weight grad also rounds its B fragments in registers)
+TC_FAMILIES = {
+    "half": (r"gpuconv_igemm_(fp|wg)tc_b?f16_[ls]_i(32|64)$", 16, lambda mi: mi + 2),
+    "tf32": (r"gpuconv_igemm_(fp|wg)tc_f32_[ls]_i(32|64)$", 8, lambda mi: 2),
+}
+
+
+@pytest.mark.parametrize("family", list(TC_FAMILIES))
+def test_tensor_op_entries_use_hmma_ldsm_ldgsts_and_no_local_memory(report, family):
     _, rows, _ = report
-    tc = [n for n in rows if re.match(r"gpuconv_igemm_(fp|wg)tc_b?f16_[ls]_i(32|64)$", n)]
-    assert len(tc) == 16, tc  # fptc/wgtc x f16/bf16 x l/s x i32/i64
+    pattern, count, ldsm = TC_FAMILIES[family]
+    tc = [n for n in rows if re.match(pattern, n)]
+    assert len(tc) == count, tc  # fptc/wgtc x dtypes x l/s x i32/i64
     if not rows[tc[0]]["loop"]:
         pytest.skip("cuobjdump/nvdisasm not found (pip install nvidia-cuda-cuobjdump "
                     "nvidia-cuda-nvdisasm)")
@@ -77,11 +90,9 @@ def test_tensor_op_entries_use_hmma_ldsm_ldgsts_and_no_local_memory(report):
         # the common path (no tap change; wgtc: no image change) stays short: index
         # bookkeeping, not the gather
         assert loop["hot_instructions"] <= 260, (n, loop)
-        # one BK = 16 step of the warp tile: l 64x32 = 4 x 4 m16n8k16, s 32x32 = 2 x 4;
-        # ldmatrix.x4: MI (A, .trans) + NJ/2 (B)
         mi = 4 if "_l_" in n else 2
         assert loop["HMMA"] == mi * 4, (n, loop)
-        assert loop["LDSM"] == mi + 2, (n, loop)
+        assert loop["LDSM"] == ldsm(mi), (n, loop)
         assert loop["LDGSTS"] >= 1 and loop["BAR"] == 1, (n, loop)
         assert whole["LDL"] == 0 and whole["STL"] == 0, (n, whole)
         assert r["spill_stores"] == 0 and r["spill_loads"] == 0, n

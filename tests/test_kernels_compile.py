@@ -90,7 +90,7 @@ def test_entry_point_names_are_systematic():
     for n in names:
         assert (re.fullmatch(r"gpuconv_(fwd|fwdtile|dgrad|wgrad|wgradtile|wgrad_reduce|dw_fwd|dw_dgrad|dw_wgrad|dw_wgrad_reduce)_(f16|bf16|f32|f64)(_i32|_i64)?", n)
                 or re.fullmatch(r"gpuconv_igemm_((fp|wg)_(f16|bf16|f32|f64)_[ls]_i(32|64)|reduce_(f16|bf16|f32|f64))", n)
-                or re.fullmatch(r"gpuconv_igemm_((fp|wg)tc_(f16|bf16)_[ls]_i(32|64)|wreorder_(f16|bf16))", n)), n
+                or re.fullmatch(r"gpuconv_igemm_((fp|wg)tc_(f16|bf16)_[ls]_i(32|64)|(fp|wg)tc_f32_[ls]_i(32|64)|wreorder_(f16|bf16|f32))", n)), n
     assert "gpuconv_fwd_bf16_i64" in names and "gpuconv_wgrad_reduce_f64" in names
 
 

@@ -154,11 +154,12 @@ class CudaBackend:
         """Forward-like GEMMs (the forward, or the stride phases of the input grad) into
         `out`; under split-K every phase writes all `splits` partial slices and one
         fixed-order reduce adds them (and the bias) and rounds once.  tensor_op: a half
-        type on the tensor-op policy (gpuconv_igemm_fptc_*), each problem's weight
-        reordered first (gpuconv_igemm_wreorder_*)."""
+        type (or float32 as TF32) on the tensor-op policy (gpuconv_igemm_fptc_*), each
+        problem's weight reordered first (gpuconv_igemm_wreorder_*; float32 rounded to
+        TF32 there)."""
         rt = self.rt
         cfg, splits = IG.fp_plan(problems, g.groups)
-        c = (IG.TC_CONFIGS if tensor_op else IG.CONFIGS)[cfg]
+        c = (IG.tc_configs(g.dtype.itemsize) if tensor_op else IG.CONFIGS)[cfg]
         acc = g.accumulate_dtype
         # no split: the kernel never touches `partial` (a 1-element placeholder of its type)
         partial = rt.empty((splits,) + tuple(out.shape) if splits > 1 else (1,), acc)
@@ -179,7 +180,7 @@ class CudaBackend:
                 wp = rt.empty((max(n, 1),), w.dtype)
                 if n:
                     launch.launch(rt, rfn, self._grid_1d(n), (w, wp) + params + (np.int64(n),))
-            smem = (IG.tc_smem_bytes(cfg, IG.fp_taps(p)) if tensor_op
+            smem = (IG.tc_smem_bytes(cfg, IG.fp_taps(p), g.dtype.itemsize) if tensor_op
                     else IG.smem_bytes(cfg, acc.itemsize, IG.fp_taps(p)))
             args = ((src, wp, bias_arg, out, partial) + params
                     + (np.int32(bias is not None and splits == 1), np.int32(splits > 1)))
@@ -195,9 +196,10 @@ class CudaBackend:
         rt = self.rt
         acc = g.accumulate_dtype
         welems = math.prod(g.w_shape)
-        tc = IG.tensor_op(g, _algo())  # half types: the transposed GEMM on tensor ops
-        cfg, grid, splits, chunk = (IG.wg_tc_plan if tc else IG.wg_plan)(g)
-        c = (IG.TC_CONFIGS if tc else IG.CONFIGS)[cfg]
+        # half types (float32 as TF32 under "high"): the transposed GEMM on tensor ops
+        tc = IG.tensor_op(g, _algo(), "wg")
+        cfg, grid, splits, chunk = IG.wg_plan(g, tc)
+        c = (IG.tc_configs(g.dtype.itemsize) if tc else IG.CONFIGS)[cfg]
         partial = rt.empty((splits, welems), acc)
         gw = rt.empty(g.w_shape, g.dtype)
         fn, isuf = self._igemm_fn("wgtc" if tc else "wg", g, cfg, xc.size, gyc.size,
@@ -205,7 +207,7 @@ class CudaBackend:
         ityp = np.int64 if isuf == "i64" else np.int32
         launch.launch(rt, fn, launch.LaunchConfig(grid, (c["NT"], 1, 1)),
                       (xc, gyc, partial) + geo_args(g) + (ityp(chunk),),
-                      shared_mem=(IG.tc_wg_smem_bytes(cfg) if tc
+                      shared_mem=(IG.tc_wg_smem_bytes(cfg, g.dtype.itemsize) if tc
                                   else IG.smem_bytes(cfg, acc.itemsize)))
         self._igemm_reduce(g, partial, None, gw, splits, 1, 1)
         return gw

@@ -25,11 +25,17 @@ CONFIGS = {
     "l": dict(BM=128, BN=128, BK=8, NT=256),
     "s": dict(BM=64, BN=64, BK=8, NT=64),
 }
-# tensor-op policy (gc_tc_l / gc_tc_s, float16/bfloat16 forward-like): same BM x BN tiles,
+# tensor-op policy (gc_tc_l / gc_tc_s, float16/bfloat16, every pass): same BM x BN tiles,
 # BK = 16 (one m16n8k16 step), NS = 3 shared stages, A [BK][BM+8] + B [BN][BK+8] halves
 TC_CONFIGS = {
     "l": dict(BM=128, BN=128, BK=16, NT=256, NS=3),
     "s": dict(BM=64, BN=64, BK=16, NT=128, NS=3),
+}
+# TF32 (float32 under precision "high", forward-like GEMMs: gc_tc32_l / gc_tc32_s): the same
+# tiles, BK = 8 32-bit values (one m16n8k8 step), A [BK][BM+8] + B [BN][BK+4] words
+TC32_CONFIGS = {
+    "l": dict(BM=128, BN=128, BK=8, NT=256, NS=3),
+    "s": dict(BM=64, BN=64, BK=8, NT=128, NS=3),
 }
 TAP_INTS = 5  # GC_TAP_INTS: ints per tap-table entry in shared memory
 MAX_TAPS = 512
@@ -51,26 +57,35 @@ def smem_bytes(cfg: str, acc_size: int, taps: int = 0) -> int:
     return 2 * c["BK"] * ((c["BM"] + 4) + (c["BN"] + 4)) * acc_size + 4 * TAP_INTS * taps
 
 
-def tc_smem_bytes(cfg: str, taps: int) -> int:
-    c = TC_CONFIGS[cfg]
-    return (c["NS"] * (c["BK"] * (c["BM"] + 8) + c["BN"] * (c["BK"] + 8)) * 2
+def tc_configs(esz: int) -> dict:
+    """Tile configurations of the tensor-op policy for operands of `esz` bytes."""
+    return TC_CONFIGS if esz == 2 else TC32_CONFIGS
+
+
+def tc_smem_bytes(cfg: str, taps: int, esz: int = 2) -> int:
+    c = tc_configs(esz)[cfg]
+    return (c["NS"] * (c["BK"] * (c["BM"] + 8) + c["BN"] * (c["BK"] + 16 // esz)) * esz
             + 4 * TAP_INTS * taps)
 
 
 WGC_INTS = 4  # GC_WGC_INTS: ints per column-table entry of the tensor-op weight grad
 
 
-def tc_wg_smem_bytes(cfg: str) -> int:
-    c = TC_CONFIGS[cfg]
-    return (c["NS"] * (c["BK"] * (c["BM"] + 8) + c["BN"] * (c["BK"] + 8)) * 2
-            + 4 * WGC_INTS * c["BM"])
+def tc_wg_smem_bytes(cfg: str, esz: int = 2) -> int:
+    return tc_smem_bytes(cfg, 0, esz) + 4 * WGC_INTS * tc_configs(esz)[cfg]["BM"]
 
 
-def tensor_op(g, algo: str) -> bool:
+def tensor_op(g, algo: str, pass_name: str = "fp") -> bool:
     """The tensor-op policy takes the half types' passes (forward, input grad at every
-    stride phase, weight grad) unless GPUCONV_CUDA_ALGO=simt forces the engine's SIMT
-    policy."""
-    return g.dtype.itemsize == 2 and algo != "simt"
+    stride phase, weight grad: pass_name 'fp' or 'wg'), and float32's as TF32 when the
+    float32 precision in force is 'high' (gpuconv.set_float32_precision, precision=);
+    GPUCONV_CUDA_ALGO=simt forces the engine's SIMT policy."""
+    if algo == "simt":
+        return False
+    if g.dtype.itemsize == 2:
+        return True
+    from .._precision import allow_tf32
+    return allow_tf32(g.dtype)
 
 
 def fits(g) -> bool:
@@ -243,13 +258,16 @@ def wg_splits(base: int, red: int, cfg: str) -> int:
     return best_splits(base, smax, NUM_SMS * BLOCKS_PER_SM[("wg", cfg)])
 
 
-def wg_plan(g):
-    """(config, grid, splits, chunk) of the weight-grad GEMM: M = K/G, N = C/G*taps,
-    split-K over N*P*Q in chunks of BK (wg_splits; GPUCONV_IGEMM_SPLITS=n forces n)."""
+def wg_plan(g, tensor_op: bool = False):
+    """(config, grid, splits, chunk) of the weight-grad GEMM, split-K over N*P*Q in chunks
+    of BK (wg_splits; GPUCONV_IGEMM_SPLITS=n forces n).  SIMT: M = K/G, N = C/G*taps;
+    tensor_op: the transposed GEMM (M' = C/G*taps, N' = K/G, BK 16, TF32 8).  The
+    config rule is symmetric in M and N, so both get the same config and the same grid:
+    x over C/G*taps, y over groups * K/G tiles, z over the splits."""
     red = g.N * math.prod(g.out_spatial)
     Nn = g.Cg * g.taps
     cfg = choose_config(g.Kg, Nn, g.groups, red // 4, kind="wg")
-    c = CONFIGS[cfg]
+    c = (tc_configs(g.dtype.itemsize) if tensor_op else CONFIGS)[cfg]
     ntiles = -(-Nn // c["BN"])
     mtiles = g.groups * -(-g.Kg // c["BM"])
     forced = os.environ.get("GPUCONV_IGEMM_SPLITS", "").strip()
@@ -257,21 +275,3 @@ def wg_plan(g):
     chunk = kchunk(red, max(1, min(want, -(-red // c["BK"]) if red else 1)), c["BK"])
     splits = max(1, -(-red // chunk)) if red > 0 else 1
     return cfg, (ntiles, mtiles, splits), splits, chunk
-
-
-def wg_tc_plan(g):
-    """(config, grid, splits, chunk) of the tensor-op weight grad, the transposed GEMM
-    C' = M' x N' with M' = C/G*taps, N' = K/G (per group), K = N*P*Q: the config by the
-    same rule as the SIMT weight grad, split-K over N*P*Q in chunks of BK = 16
-    (wg_splits; GPUCONV_IGEMM_SPLITS=n forces n)."""
-    red = g.N * math.prod(g.out_spatial)
-    Mr = g.Cg * g.taps
-    cfg = choose_config(Mr, g.Kg, g.groups, red // 4, kind="wg")
-    c = TC_CONFIGS[cfg]
-    mtiles = -(-Mr // c["BM"])
-    ntiles = g.groups * -(-g.Kg // c["BN"])
-    forced = os.environ.get("GPUCONV_IGEMM_SPLITS", "").strip()
-    want = int(forced) if forced else wg_splits(ntiles * mtiles, red, cfg)
-    chunk = kchunk(red, max(1, min(want, -(-red // c["BK"]) if red else 1)), c["BK"])
-    splits = max(1, -(-red // chunk)) if red > 0 else 1
-    return cfg, (mtiles, ntiles, splits), splits, chunk

@@ -101,14 +101,14 @@ def launch_shape(name: str, acc_size: int):
     if m:
         cfg = m.group(2)
         return IG.CONFIGS[cfg]["NT"], IG.smem_bytes(cfg, acc_size, 9 if m.group(1) == "fp" else 0)
-    m = re.match(r"gpuconv_igemm_fptc_\w+?_([ls])_i(32|64)$", name)
+    m = re.match(r"gpuconv_igemm_fptc_(\w+?)_([ls])_i(32|64)$", name)
     if m:
-        cfg = m.group(1)
-        return IG.TC_CONFIGS[cfg]["NT"], IG.tc_smem_bytes(cfg, 9)
-    m = re.match(r"gpuconv_igemm_wgtc_\w+?_([ls])_i(32|64)$", name)
+        cfg, esz = m.group(2), 4 if m.group(1) == "f32" else 2
+        return IG.tc_configs(esz)[cfg]["NT"], IG.tc_smem_bytes(cfg, 9, esz)
+    m = re.match(r"gpuconv_igemm_wgtc_(\w+?)_([ls])_i(32|64)$", name)
     if m:
-        cfg = m.group(1)
-        return IG.TC_CONFIGS[cfg]["NT"], IG.tc_wg_smem_bytes(cfg)
+        cfg, esz = m.group(2), 4 if m.group(1) == "f32" else 2
+        return IG.tc_configs(esz)[cfg]["NT"], IG.tc_wg_smem_bytes(cfg, esz)
     if "fwdtile" in name:
         return 256, (16 * 65 + 16 * 64) * acc_size + 16 * 9
     if "wgradtile" in name:

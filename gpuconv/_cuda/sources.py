@@ -107,9 +107,9 @@ _ENTRY = re.compile(r'extern[\s\\]+"C"[\s\\]+__global__[\s\\]+void[\s\\]+'
 
 
 # entry-name prefixes emitted for some dtypes only (prefix -> dtype suffixes): the
-# tensor-op policy exists for the half types
-ENTRY_DTYPES = {"gpuconv_igemm_fptc_": ("f16", "bf16"), "gpuconv_igemm_wgtc_": ("f16", "bf16"),
-                "gpuconv_igemm_wreorder_": ("f16", "bf16")}
+# tensor-op policy exists for the half types (and float32 as TF32)
+ENTRY_DTYPES = {"gpuconv_igemm_fptc_": ("f16", "bf16", "f32"), "gpuconv_igemm_wgtc_": ("f16", "bf16", "f32"),
+                "gpuconv_igemm_wreorder_": ("f16", "bf16", "f32")}
 
 
 def _emitted(name: str, suffix: str) -> bool:
