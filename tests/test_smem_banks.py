@@ -71,31 +71,43 @@ CASES = [((2, 8, 7, 5), (16, 8, 3, 3), dict(padding=1)),
          ((2, 16, 6, 6), (32, 16, 1, 1), {})]
 
 
-def _tc_forward(rt, dtype, case):
+def _tc_forward(rt, dtype, case, pass_name="forward"):
+    import gpuconv
     from gpuconv._cuda.backend import CudaBackend
     from test_igemm import _data
     dt = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(
         pytest.importorskip("ml_dtypes").bfloat16)
     xs, ws, kw = case
     g = conv_geometry("t", xs, ws, dtype=dt, **kw)
-    x, w, b, _ = _data(g, dt, 1)
-    with cudasim.count_bank_conflicts() as counts:
-        y = np.asarray(CudaBackend(rt).forward(x, w, b, g), np.float64)
-    want = ref.conv(x, w, b, **kw)
+    x, w, b, gy = _data(g, dt, 1)
+    be = CudaBackend(rt)
+    # float32 reaches the tensor-op entries as TF32 (precision "high")
+    with cudasim.count_bank_conflicts() as counts, gpuconv.set_float32_precision("high"):
+        if pass_name == "forward":
+            y, want = be.forward(x, w, b, g), ref.conv(x, w, b, **kw)
+        elif pass_name == "input grad":
+            y, want = be.input_grad(gy, w, g), ref.conv_input_grad(gy, w, xs, **kw)
+        else:
+            y, want = be.weight_grad(x, gy, g), ref.conv_weight_grad(x, gy, ws, **kw)
+    y = np.asarray(y, np.float64)
     assert np.linalg.norm(y - want) / np.linalg.norm(want) <= 2e-3
     return counts
 
 
+@pytest.mark.parametrize("pass_name", ["forward", "input grad", "weight grad"])
 @pytest.mark.parametrize("cfg", ["s", "l"])
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_tensor_op_forward_reads_shared_without_conflicts(monkeypatch, cfg, dtype):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_tensor_op_entries_read_shared_without_conflicts(monkeypatch, cfg, dtype, pass_name):
+    """Every tensor-op entry (fptc for the forward and each input-grad phase, wgtc for the
+    weight grad; float32 as TF32, whose A fragments are LDS.32 and B ldmatrix)."""
     monkeypatch.setenv("GPUCONV_CUDA_ALGO", "igemm")
     monkeypatch.setenv("GPUCONV_IGEMM_CONFIG", cfg)
     monkeypatch.delenv("GPUCONV_IGEMM_SPLITS", raising=False)
     rt = cudasim.SimRuntime()
+    entry = "gpuconv_igemm_wgtc_" if pass_name == "weight grad" else "gpuconv_igemm_fptc_"
     for case in CASES:
-        counts = _tc_forward(rt, dtype, case)
-        tc = [r for r in counts if r["kernel"].startswith("gpuconv_igemm_fptc_")]
+        counts = _tc_forward(rt, dtype, case, pass_name)
+        tc = [r for r in counts if r["kernel"].startswith(entry)]
         assert tc and all(r["ldmatrix"] > 0 for r in tc), [r["kernel"] for r in counts]
         assert counts.conflicts == 0, counts.worst()
 
@@ -109,7 +121,7 @@ def test_unpadded_layout_is_caught(monkeypatch):
     monkeypatch.setenv("GPUCONV_IGEMM_CONFIG", "l")
     monkeypatch.delenv("GPUCONV_IGEMM_SPLITS", raising=False)
     rt = bugs.MutatedRuntime("igemm.cuh", bugs.inject(
-        "igemm.cuh", "struct gc_tc_cfg {", "LDA = BM + 8, LDB = BK + 8,", "LDA = BM, LDB = BK,"),
+        "igemm.cuh", "struct gc_tc_cfg {", "LDA = BM + 8, LDB = BK + 16 / ESZ_,", "LDA = BM, LDB = BK,"),
         time_limit=60)
     counts = _tc_forward(rt, "float16", CASES[0])
     worst = counts.worst()
