@@ -598,7 +598,8 @@ __device__ __forceinline__ void gc_igemm_wg(const T* __restrict__ x, const T* __
   }
 }
 
-// ---- tensor-op warp-MMA policy: float16 / bfloat16 forward-like problems ------------------
+// ---- tensor-op warp-MMA policy: float16 / bfloat16, and float32 as TF32 -------------------
+// (The weight grad's tensor-op GEMM, gc_igemm_wg_tc below, runs the same main loop.)
 // Same GEMM view, tap table and tap-major reduction (k = t*Cg + c) as gc_igemm_fp: the
 // forward, and each stride phase of the input grad (grad_out gathered, the weight
 // transposed/flipped to the phase's taps); the weight is first reordered
@@ -619,7 +620,9 @@ __device__ __forceinline__ void gc_igemm_wg(const T* __restrict__ x, const T* __
 //   * NS = 3 shared stages, one barrier per step: B copies run two steps ahead
 //     (cp.async.wait_group 1), A one step ahead in registers;
 //   * fragments: A by ldmatrix.x4.trans of the k-major tile, B by ldmatrix.x4 of the
-//     n-major tile; mma.sync m16n8k16, float32 accumulators;
+//     n-major tile; mma.sync m16n8k16, float32 accumulators (TF32: BK = 8 32-bit values,
+//     the same 32-byte B rows, A fragments by LDS.32, m16n8k8; operands rounded by
+//     cvt.rna in the gather and in the weight reorder);
 //   * epilogue: bias added in float32, one rounding (or raw float32 partials under
 //     split-K, summed by gc_igemm_reduce).
 // ESZ: operand element bytes in shared memory -- 2 (float16/bfloat16: m16n8k16) or 4

@@ -1,8 +1,8 @@
 """The implicit-GEMM engine on a real device (skipped where no CUDA device works):
 every entry point family (both tiles, split-K on and off, both index widths) over the
 emulator suite's awkward geometries and one ResNet-sized layer per pass, against the
-float64 reference; bit-identical repeats; 'high' precision runs the exact float32 path
-while no TF32 kernel exists."""
+float64 reference; bit-identical repeats; 'high' precision runs the TF32 entries, within
+TF32's elementwise bound and bit-identical run to run."""
 import numpy as np
 import pytest
 
@@ -12,6 +12,7 @@ from gpuconv._geometry import conv_geometry
 from gpuconv.testing import assert_close
 
 from test_igemm import CASES, _data  # noqa: E402  (same geometries as the emulator)
+from test_igemm_tf32 import tf32_bound, tf32_bound_dgrad, tf32_bound_wgrad
 
 pytestmark = pytest.mark.gpu
 
@@ -35,13 +36,14 @@ def _all_passes(cp, x, w, b, gy, xs, ws, kw):
 @pytest.mark.parametrize("index", ["32", "64"])
 @pytest.mark.parametrize("splits", ["", "3"])
 @pytest.mark.parametrize("cfg", ["s", "l"])
-@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
 def test_engine_on_device(cp, monkeypatch, dtype, cfg, splits, index):
     monkeypatch.setenv("GPUCONV_CUDA_ALGO", "igemm")
     monkeypatch.setenv("GPUCONV_IGEMM_CONFIG", cfg)
     monkeypatch.setenv("GPUCONV_IGEMM_SPLITS", splits)
     monkeypatch.setenv("GPUCONV_CUDA_INDEX", index)
-    dt = np.dtype(dtype)
+    dt = np.dtype(dtype) if dtype != "bfloat16" else np.dtype(
+        pytest.importorskip("ml_dtypes").bfloat16)
     for i, (name, (xs, ws, kw)) in enumerate(CASES.items()):
         g = conv_geometry("t", xs, ws, dtype=dt, **kw)
         x, w, b, gy = _data(g, dt, i)
@@ -63,7 +65,16 @@ def test_resnet_sized_layers_and_repeats_are_bit_identical(cp, layer):
     assert_close(first[1], ref.conv_input_grad(gy, w, xs, **kw), np.float32, "input grad")
     assert_close(first[2], ref.conv_weight_grad(x, gy, ws, **kw), np.float32, "weight grad")
     again = _all_passes(cp, x, w, b, gy, xs, ws, kw)
-    with gpuconv.set_float32_precision("high"):  # no TF32 kernel yet: the same bits
+    for a, e in zip(again, first):
+        assert a.tobytes() == e.tobytes()
+    with gpuconv.set_float32_precision("high"):  # TF32: its own bits, repeatable
         high = _all_passes(cp, x, w, b, gy, xs, ws, kw)
-    for a, e, h in zip(again, first, high):
-        assert a.tobytes() == e.tobytes() and h.tobytes() == e.tobytes()
+        high2 = _all_passes(cp, x, w, b, gy, xs, ws, kw)
+    for h, h2 in zip(high, high2):
+        assert h.tobytes() == h2.tobytes()
+    bounds = (tf32_bound(x, w, **kw) + 2.0 ** -23 * np.abs(ref.conv(x, w, b, **kw)),
+              tf32_bound_dgrad(gy, w, xs, **kw), tf32_bound_wgrad(x, gy, ws, **kw))
+    wants = (ref.conv(x, w, b, **kw), ref.conv_input_grad(gy, w, xs, **kw),
+             ref.conv_weight_grad(x, gy, ws, **kw))
+    for h, e, bd in zip(high, wants, bounds):
+        assert (np.abs(h.astype(np.float64) - e) <= bd).all()
