@@ -760,18 +760,25 @@ __device__ __forceinline__ void gc_tc_load_b(typename CFG::E* __restrict__ Bs,
   }
 }
 
-// The tensor-op main loop of every tensor-op problem (forward-like and weight grad): NS
-// shared stages, one barrier per step.  Operand A is gathered into registers one step
-// ahead (la(s): global -> registers for step s; sa(stage): registers -> shared, after the
-// step's MMAs), operand B copied by cp.async NS-1 steps ahead (lb(stage, s); ROUND_B: its
-// float32 fragments rounded to TF32 after ldmatrix, for a B that cannot be pre-rounded); A tile
-// [BK][LDA] (m fast) read by ldmatrix.x4.trans (TF32: 32-bit elements, four conflict-free
-// LDS.32 per fragment, LDA = 8 mod 32 banks), B tile [BN][LDB] (k fast) by ldmatrix.x4.
+// The tensor-op main loop of every tensor-op problem (forward-like and weight grad), into
+// the accumulators it zeroes: NS shared stages, one barrier per step.  Operand A is
+// gathered into registers one step ahead (la(s): global -> registers for step s;
+// sa(stage): registers -> shared, after the step's MMAs), operand B copied by cp.async
+// NS-1 steps ahead (lb(stage, s); ROUND_B: its float32 fragments rounded to TF32 after
+// ldmatrix, for a B that cannot be pre-rounded).  A tile [BK][LDA] (m fast) read by
+// ldmatrix.x4.trans (TF32: 32-bit elements, four conflict-free LDS.32 per fragment,
+// LDA = 8 mod 32 banks), B tile [BN][LDB] (k fast) by ldmatrix.x4.
 template <typename T, class CFG, bool ROUND_B = false, class LoadA, class StoreA, class LoadB>
 __device__ __forceinline__ void gc_tc_mainloop(typename CFG::E* As, typename CFG::E* Bs,
                                                float (&acc)[CFG::MI][CFG::NJ][4], int steps,
                                                LoadA la, StoreA sa, LoadB lb, int lane, int wm,
                                                int wn) {
+#pragma unroll
+  for (int i = 0; i < CFG::MI; ++i)
+#pragma unroll
+    for (int j = 0; j < CFG::NJ; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
   // prologue: stages 0 .. NS-2 (A stored directly, B copies committed one group a stage)
 #pragma unroll
   for (int s = 0; s < CFG::NS - 1; ++s) {
@@ -864,13 +871,7 @@ __device__ __forceinline__ void gc_igemm_fp_tc(const T* __restrict__ src_, const
   const int nlim = p.Ng - n0;
 
   gc_fp_taps(tab, p, T_, tid, CFG::NT);
-  float acc[CFG::MI][CFG::NJ][4];
-#pragma unroll
-  for (int i = 0; i < CFG::MI; ++i)
-#pragma unroll
-    for (int j = 0; j < CFG::NJ; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+  float acc[CFG::MI][CFG::NJ][4];  // zeroed by gc_tc_mainloop
   __syncthreads();  // tap table ready
   gc_tc_a_iter<T, I, CFG> ita;
   ita.init(src, tab, p, grp, m0, M, k_begin, tid);
@@ -1068,13 +1069,7 @@ __device__ __forceinline__ void gc_igemm_wg_tc(const T* __restrict__ x_, const T
       e[2] = e[3] = 0;
     }
   }
-  float acc[CFG::MI][CFG::NJ][4];
-#pragma unroll
-  for (int i = 0; i < CFG::MI; ++i)
-#pragma unroll
-    for (int j = 0; j < CFG::NJ; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+  float acc[CFG::MI][CFG::NJ][4];  // zeroed by gc_tc_mainloop
   __syncthreads();  // column table ready
   gc_wgtc_a_iter<S, I, CFG> ita;
   gc_wgtc_b_iter<I, CFG> itb;
