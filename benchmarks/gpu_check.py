@@ -13,14 +13,16 @@ Subcommands (repository root)::
 Method (see /work/.library/device/METHOD.md):
 
 * ceilings first: a 2 GiB device-to-device copy (bytes read + written) and an 8192^3
-  matmul per dtype (CuPy/cuBLAS; float32 with TF32 off); every row is reported as a
+  matmul per dtype (CuPy/cuBLAS; float32 with TF32 off; "tf32" by torch/cuBLAS with TF32
+  on); every row is reported as a
   fraction of them: ``frac = max(bytes / copy_rate, flops / matmul_rate) / time`` (the
   roofline bound that applies), 1.0 = at the ceiling;
 * batch 32 or 64 (64 where one sample's x + y is small), inputs rotated among
   ``sets`` buffers totalling at least 2 x L2, fresh random data (normal, seed
   recorded), never zeros;
 * steady state: one CUDA graph holding one call per buffer set, replayed >= 24 times
-  in two rounds interleaved with PyTorch (cuDNN, TF32 off, cudnn.benchmark on, also
+  in two rounds interleaved with PyTorch (cuDNN, TF32 off -- on for the "tf32" rows, where
+  gpuconv runs precision="high" --, cudnn.benchmark on, also
   graph-replayed); per call = replay time / sets.  Eager numbers separately:
   ``eager_ms`` (one call after a synchronize: host overhead + kernel), ``stream_ms``
   (back-to-back eager calls, per call) and ``host_us`` (the Python call alone, no sync);
@@ -48,7 +50,10 @@ for _p in (str(ROOT), str(HERE)):
 import numpy as np  # noqa: E402
 
 # ----------------------------------------------------------------------------- the plan (data)
-DTYPES = ("float32", "bfloat16")
+# "tf32": float32 data under precision "high" -- gpuconv's TF32 tensor-op entries against
+# cuDNN with TF32 on (torch.backends.cudnn.allow_tf32); "float32" has TF32 off on both
+# sides.  TF32 rows for the dense layers only (the depthwise kernels have no TF32 path).
+DTYPES = ("float32", "tf32", "bfloat16")
 PASSES = ("forward", "input_grad", "weight_grad")
 L2_BYTES = 50 * 2**20            # H100/H200 L2 (GPU-FACTS.md); read off the device when there
 ROTATE_L2 = 2                    # rotated input sets hold at least this many L2s
@@ -60,8 +65,8 @@ STREAM_ROUNDS = 2                # back-to-back eager passes over the sets
 BATCH_SMALL_SAMPLE = 400_000     # elements of x + y per sample under which batch is 64
 # leads (KINDS.md, H200.md), replaced by the measured ceilings on the device
 ASSUMED_CEILINGS = {"copy_GBps": 4300.0,
-                    "matmul_GFLOPs": {"float32": 50_000.0, "bfloat16": 780_000.0,
-                                      "float16": 780_000.0}}
+                    "matmul_GFLOPs": {"float32": 50_000.0, "tf32": 390_000.0,
+                                      "bfloat16": 780_000.0, "float16": 780_000.0}}
 # planning assumptions for the time budget (pessimistic fractions of the roofline)
 ASSUMED_EFFICIENCY = {"gpuconv": 0.08, "torch": 0.3}
 ROW_FIXED_S = {"gpuconv": 0.03, "torch": 0.25}   # capture, allocation; cuDNN autotuning
@@ -71,7 +76,7 @@ ROW_CAP_S = 10.0                 # a row whose remaining calls would take longer
 # (``steps``); the whole script never runs past GLOBAL_LIMIT_S.
 STEPS = (
     ("env", 5, 20, "nvidia-smi, versions, compute-sanitizer present?"),
-    ("ceilings", 20, 45, "2 GiB device copy; 8192^3 matmul f32 (no TF32), bf16, f16"),
+    ("ceilings", 20, 45, "2 GiB device copy; 8192^3 matmul f32 (no TF32), tf32, bf16, f16"),
     ("precompile", 30, 75, "import gpuconv + NVRTC build of every module, cold CuPy cache"),
     ("tests", 90, 120, "pytest -m gpu: NaN-poisoned outputs, fresh seed"),
     ("memcheck", 25, 45, "compute-sanitizer --tool memcheck on the sanitizer cases"),
@@ -127,6 +132,8 @@ def _operands(pass_name):
 
 
 def _np_dtype(name):
+    if name == "tf32":  # float32 data; TF32 arithmetic is asked for per call
+        return np.dtype(np.float32)
     if name == "bfloat16":
         import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
@@ -142,6 +149,8 @@ def plan_rows(layers=None, dtypes=DTYPES, ceilings=None, l2_bytes=L2_BYTES):
     for dt in dtypes:
         npdt = _np_dtype(dt)
         for L in layers or suite_layers():
+            if dt == "tf32" and L["group"] != "dense":
+                continue
             batch = gpu_batch(L)
             g = _bench.layer_geometry(L, batch, npdt)
             it = npdt.itemsize
@@ -373,6 +382,10 @@ def ceilings(out_dir):
                     res["matmul"][dt] = _torch_matmul(dt, n)
                 except Exception as e2:
                     res["errors"][f"torch matmul {dt}"] = f"{type(e2).__name__}: {e2}"
+        try:  # the TF32 ceiling: cuBLAS through torch with TF32 allowed
+            res["matmul"]["tf32"] = _torch_matmul("float32", n, tf32=True)
+        except Exception as e:
+            res["errors"]["torch matmul tf32"] = f"{type(e).__name__}: {e}"
     s.synchronize()
     res["tf32"] = os.environ.get("CUPY_TF32", "0")
     res["copy_GBps"] = max(v["GBps"] for v in res["copy"].values())
@@ -383,9 +396,9 @@ def ceilings(out_dir):
     return 0
 
 
-def _torch_matmul(dt, n):
+def _torch_matmul(dt, n, tf32=False):
     import torch
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     tdt = getattr(torch, dt)
     a = torch.randn(n, n, device="cuda").to(tdt)
     b = torch.randn(n, n, device="cuda").to(tdt)
@@ -415,6 +428,7 @@ class _Impl:
         self.outs = None
         self.replay_s = []
         self.res = {}
+        self.tol = None  # graph-vs-eager tolerance of a peer whose algorithms vary
 
 
 class _TooSlow(Exception):
@@ -543,7 +557,7 @@ def _torch_prepare(impl, stream):
             # tolerance (gpuconv's own replay must match its eager call bit for bit)
             a64, b64 = impl.outs[0].double(), impl.ref0.double()
             rel = float((a64 - b64).abs().max() / b64.abs().max().clamp_min(1e-300))
-            tol = 1e-4 if impl.ref0.dtype == torch.float32 else 2e-2
+            tol = impl.tol or (1e-4 if impl.ref0.dtype == torch.float32 else 2e-2)
             impl.res.update(graph_rel_diff=rel, graph_matches_eager=rel <= tol,
                             finite=bool(torch.isfinite(impl.outs[0]).all()))
         except Exception as e:
@@ -579,12 +593,13 @@ def _torch_data(row, seed):
             return None
     except Exception:
         return None
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    tf32 = row["dtype"] == "tf32"  # TF32 on both sides, or off on both
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = True
     gen = torch.Generator(device="cuda")
     gen.manual_seed(seed)
-    tdt = getattr(torch, row["dtype"])
+    tdt = getattr(torch, "float32" if tf32 else row["dtype"])
     shapes = {"x": row["x_shape"], "w": row["w_shape"], "y": row["y_shape"]}
     out = [{k: torch.randn(shapes[k], device="cuda", generator=gen).to(tdt)
             for k in _operands(row["pass"])} for _ in range(row["sets"])]
@@ -607,6 +622,8 @@ def _gpuconv_calls(row, sets):
     import gpuconv
     kw = dict(stride=row["stride"], padding=row["padding"], dilation=row["dilation"],
               groups=row["groups"])
+    if row["dtype"] == "tf32":
+        kw["precision"] = "high"  # the TF32 tensor-op entries
     xs, ws = tuple(row["x_shape"]), tuple(row["w_shape"])
     p = row["pass"]
     out = []
@@ -667,6 +684,8 @@ def measure_row(row, seed):
         import torch
         ts = torch.cuda.Stream()
         impls.append(_Impl("torch", _torch_calls(row, tsets), "torch"))
+        if row["dtype"] == "tf32":
+            impls[1].tol = 5e-3  # cuDNN's TF32 algorithms round differently
         try:
             _torch_prepare(impls[1], ts)
         except Exception as e:

@@ -40,7 +40,8 @@ def test_dry_run_plans_every_layer_pass_and_dtype(dry_run):
     plan, out = dry_run
     layers = list(_bench.LAYERS) + list(gpu_check.EXTRA_LAYERS)
     want = {(L["name"], p, dt) for L in layers for p in gpu_check.PASSES
-            for dt in gpu_check.DTYPES}
+            for dt in gpu_check.DTYPES if dt != "tf32" or L["group"] == "dense"}
+    assert "tf32" in gpu_check.DTYPES  # TF32 on both sides ("high") beside TF32 off on both
     got = {(r["layer"], r["pass"], r["dtype"]) for r in plan["rows"]}
     assert got == want
     assert len(plan["rows"]) == len(want)  # none twice
@@ -253,7 +254,8 @@ def test_measuring_code_runs_end_to_end_on_a_stand_in_for_cupy(tmp_path):
     ceil = json.loads((out / "ceilings.json").read_text())
     assert ceil["copy_GBps"] > 0 and ceil["matmul_GFLOPs"]["float32"] > 0
     recs = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
-    assert len(recs) == 2 * 3 * 2  # layers x passes x dtypes
+    assert len(recs) == 2 * 3 * 2 + 3  # layers x passes x dtypes, + TF32 for the dense layer
+    assert sum(1 for r in recs if r["id"].endswith("|tf32")) == 3
     for rec in recs:
         assert rec["status"] == "ok", rec
         g = rec["gpuconv"]
@@ -261,5 +263,5 @@ def test_measuring_code_runs_end_to_end_on_a_stand_in_for_cupy(tmp_path):
         assert g["device_ms"]["n"] >= 20 and g["eager_ms"]["n"] >= 20
         assert "torch" not in rec  # no CUDA PyTorch here
     full = json.loads((out / "gpu_check.json").read_text())
-    assert sum(1 for r in full["rows"] if r["derived"].get("gpuconv")) == 12
+    assert sum(1 for r in full["rows"] if r["derived"].get("gpuconv")) == 15
     assert r.stdout.strip().splitlines()[-1].startswith("| depthwise | weight_grad | bfloat16 | 1/1 |")
