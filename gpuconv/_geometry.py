@@ -318,15 +318,42 @@ def _shape_of(op: str, name: str, shape) -> tuple:
     return out
 
 
+def _exact(v) -> bool:
+    """v is made of plain ints and strs (tuples of them, nested): a memo key that no
+    other accepted value equals (True == 1 and 2.0 == 2 are kept out)."""
+    t = type(v)
+    if t is int or t is str:
+        return True
+    return t is tuple and all(_exact(e) for e in v)
+
+
 def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1, groups=1,
                   dtype=np.float32, allow_string_padding=True,
-                  names=("x.shape", "weight.shape")) -> ConvGeometry:
+                  names=("x.shape", "weight.shape"), memo=True) -> ConvGeometry:
     """Validate a forward convolution x * w and derive every size.
 
     x_shape: (N, C, *spatial); w_shape: (K, C // groups, *kernel).  The spatial
     rank is taken from the weight.  ``names`` label the two shapes in error
     messages (the gradients pass e.g. ``"input_shape"`` / ``"weight_shape"``).
+    Memoized (unless ``memo`` is false: tracers that must see no cache) for arguments
+    of plain ints/tuples, so a layer called again skips the validation (a few tens of
+    microseconds a call); anything else is validated anew.
     """
+    args = (op, x_shape, w_shape, stride, padding, dilation, groups, dtype,
+            bool(allow_string_padding), names)
+    if memo and _exact((op, x_shape, w_shape, stride, padding, dilation, groups, names)) and \
+            isinstance(dtype, (np.dtype, type)):
+        return _memo_geometry(*args)
+    return _conv_geometry(*args)
+
+
+@functools.lru_cache(maxsize=512)
+def _memo_geometry(*args) -> ConvGeometry:
+    return _conv_geometry(*args)
+
+
+def _conv_geometry(op, x_shape, w_shape, stride, padding, dilation, groups, dtype,
+                   allow_string_padding, names) -> ConvGeometry:
     xn, wn = names
     x_shape = _shape_of(op, xn, x_shape)
     w_shape = _shape_of(op, wn, w_shape)
@@ -438,7 +465,7 @@ def transpose_output_padding(op: str, output_padding, nd: int, stride, dilation)
 # ----------------------------------------------------------------------------- transposed
 def transpose_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, output_padding=0,
                        dilation=1, groups=1, dtype=np.float32, rank=None,
-                       names=("x.shape", "weight.shape")):
+                       names=("x.shape", "weight.shape"), memo=True):
     """Validate a transposed convolution and return ``(g, L)``.
 
     ``g`` is the matching forward convolution ``(N, C_out, *out) -> (N, C_in, *L')``
@@ -446,6 +473,7 @@ def transpose_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, output
     ``(N, C_in, *L)`` is that convolution's input gradient.  ``L' == L`` unless
     output_padding >= stride (allowed when < dilation): then the forward output has
     extra trailing positions that x does not feed (zero there; cropped from gradients).
+    ``memo``: as for :func:`conv_geometry`.
     """
     xn, wn = names
     x_shape = _shape_of(op, xn, x_shape)
@@ -489,7 +517,7 @@ def transpose_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, output
                          f"{_fmt_shape(x_shape)}, {wn}={_fmt_shape(w_shape)}, "
                          f"stride={stride!r}, padding={padding!r}, dilation={dilation!r}")
     g = conv_geometry(op, (N, w_shape[1] * gr) + out, w_shape, stride=s,
-                      padding=tuple(zip(lo, hi)), dilation=d, groups=gr, dtype=dtype)
+                      padding=tuple(zip(lo, hi)), dilation=d, groups=gr, dtype=dtype, memo=memo)
     return g, L
 
 

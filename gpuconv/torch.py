@@ -97,7 +97,7 @@ def to_array(t: "torch.Tensor"):
     if bf16:
         t = t.view(torch.int16)
     if t.device.type == "cpu":
-        a = np.from_dlpack(t)
+        a = t.numpy()  # the same zero-copy view as np.from_dlpack, at a third of the cost
         return a.view(_bf16_numpy()) if bf16 else a
     if t.device.type == "cuda":
         import cupy
@@ -141,12 +141,48 @@ def _arr(t):
 _GEMM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+# Two GEMM shapes are slow through torch.matmul here (MKL on 2 threads, measured on
+# the ResNet layers, benchmarks/RESULTS.md): a narrow result (N <= 16 columns, the
+# forward of deep layers on small images) is 2-3x faster computed as its transpose
+# b^T a^T into a scratch and copied back (a few thousand elements); a short
+# reduction (K <= 32) into a large result (weight gradients of small images) is
+# 2x faster on NumPy's BLAS, one thread, in the calling thread (no pool to wake).
+_NARROW_N = 16
+_SHORT_K = 32
+_SHORT_K_MIN_OUT = 1 << 18
+
+
 def _torch_gemm(a, b, out):
     if a.dtype in _GEMM_DTYPES and a.dtype == b.dtype == out.dtype and \
             min(a.strides + b.strides + out.strides) >= 0:
-        torch.matmul(torch.from_numpy(a), torch.from_numpy(b), out=torch.from_numpy(out))
+        M, K = a.shape[-2:]
+        N = b.shape[-1]
+        if K <= _SHORT_K and M * N >= _SHORT_K_MIN_OUT and _one_thread_blas():
+            with _one_thread_blas()[0]():
+                np.matmul(a, b, out=out)
+            return
+        ta, tb, to = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
+        if N <= _NARROW_N and M >= 8 * N:
+            tmp = torch.empty(to.shape[:-2] + (N, M), dtype=to.dtype)
+            torch.matmul(tb.transpose(-1, -2), ta.transpose(-1, -2), out=tmp)
+            to.copy_(tmp.transpose(-1, -2))
+        else:
+            torch.matmul(ta, tb, out=to)
     else:
         np.matmul(a, b, out=out)
+
+
+_blas1 = []
+
+
+def _one_thread_blas():
+    """[context manager making NumPy's BLAS single-threaded in this thread] where
+    OpenBLAS has a thread-local setting, else [] (then no GEMM goes to NumPy's BLAS:
+    its own threads would fight PyTorch's)."""
+    if not _blas1:
+        from ._cpu import parallel as nb
+        _blas1.append([nb._ThreadSingleBlas] if nb._blas_local_setters() else [])
+    return _blas1[0]
 
 
 def _cpu_threads():
@@ -204,6 +240,9 @@ def _empty(shape, like, fmt):
 # Geometry travels as explicit per-dim lists: stride, pad_lo, pad_hi, dilation, groups
 # (the functions below resolve 'same'/'valid' and (lo, hi) pairs first).
 
+def _custom_op(name, impl):
+    return torch.library.custom_op(name, mutates_args=())(impl)
+
 def _kw(stride, pad_lo, pad_hi, dilation, groups):
     return dict(stride=tuple(stride), padding=tuple(zip(pad_lo, pad_hi)),
                 dilation=tuple(dilation), groups=groups)
@@ -214,13 +253,15 @@ def _conv_out_spatial(in_spatial, kernel, stride, pad_lo, pad_hi, dilation):
             for l, k, s, a, b, d in zip(in_spatial, kernel, stride, pad_lo, pad_hi, dilation)]
 
 
-@torch.library.custom_op("gpuconv::conv", mutates_args=())
-def _conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
-             pad_lo: List[int], pad_hi: List[int], dilation: List[int], groups: int) -> Tensor:
+def _conv_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+               pad_lo: List[int], pad_hi: List[int], dilation: List[int], groups: int) -> Tensor:
     with _context(x):
         y = _api.conv(to_array(x), to_array(weight), _arr(bias),
                       **_kw(stride, pad_lo, pad_hi, dilation, groups))
         return _out(y, _memory_format(x, weight))
+
+
+_conv_op = _custom_op("gpuconv::conv", _conv_impl)
 
 
 @_conv_op.register_fake
@@ -229,14 +270,16 @@ def _(x, weight, bias, stride, pad_lo, pad_hi, dilation, groups):
     return _empty([x.shape[0], weight.shape[0]] + out, x, _memory_format(x, weight))
 
 
-@torch.library.custom_op("gpuconv::conv_input_grad", mutates_args=())
-def _input_grad_op(grad_out: Tensor, weight: Tensor, input_shape: List[int], stride: List[int],
-                   pad_lo: List[int], pad_hi: List[int], dilation: List[int],
-                   groups: int) -> Tensor:
+def _input_grad_impl(grad_out: Tensor, weight: Tensor, input_shape: List[int], stride: List[int],
+                     pad_lo: List[int], pad_hi: List[int], dilation: List[int],
+                     groups: int) -> Tensor:
     with _context(grad_out):
         gx = _api.conv_input_grad(to_array(grad_out), to_array(weight), tuple(input_shape),
                                   **_kw(stride, pad_lo, pad_hi, dilation, groups))
         return _out(gx, _memory_format(grad_out, weight))
+
+
+_input_grad_op = _custom_op("gpuconv::conv_input_grad", _input_grad_impl)
 
 
 @_input_grad_op.register_fake
@@ -244,14 +287,16 @@ def _(grad_out, weight, input_shape, stride, pad_lo, pad_hi, dilation, groups):
     return _empty(input_shape, grad_out, _memory_format(grad_out, weight))
 
 
-@torch.library.custom_op("gpuconv::conv_weight_grad", mutates_args=())
-def _weight_grad_op(x: Tensor, grad_out: Tensor, weight_shape: List[int], stride: List[int],
-                    pad_lo: List[int], pad_hi: List[int], dilation: List[int],
-                    groups: int) -> Tensor:
+def _weight_grad_impl(x: Tensor, grad_out: Tensor, weight_shape: List[int], stride: List[int],
+                      pad_lo: List[int], pad_hi: List[int], dilation: List[int],
+                      groups: int) -> Tensor:
     with _context(x):
         gw = _api.conv_weight_grad(to_array(x), to_array(grad_out), tuple(weight_shape),
                                    **_kw(stride, pad_lo, pad_hi, dilation, groups))
         return from_array(gw)
+
+
+_weight_grad_op = _custom_op("gpuconv::conv_weight_grad", _weight_grad_impl)
 
 
 @_weight_grad_op.register_fake
@@ -259,16 +304,18 @@ def _(x, grad_out, weight_shape, stride, pad_lo, pad_hi, dilation, groups):
     return _empty(weight_shape, x, torch.contiguous_format)
 
 
-@torch.library.custom_op("gpuconv::conv_transpose", mutates_args=())
-def _transpose_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
-                  pad_lo: List[int], pad_hi: List[int], output_padding: List[int],
-                  dilation: List[int], groups: int) -> Tensor:
+def _transpose_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: List[int],
+                    pad_lo: List[int], pad_hi: List[int], output_padding: List[int],
+                    dilation: List[int], groups: int) -> Tensor:
     with _context(x):
         y = _api.conv_transpose(to_array(x), to_array(weight), _arr(bias), stride=tuple(stride),
                                 padding=tuple(zip(pad_lo, pad_hi)),
                                 output_padding=tuple(output_padding), dilation=tuple(dilation),
                                 groups=groups)
         return _out(y, _memory_format(x, weight))
+
+
+_transpose_op = _custom_op("gpuconv::conv_transpose", _transpose_impl)
 
 
 def _transpose_out_spatial(in_spatial, kernel, stride, pad_lo, pad_hi, output_padding, dilation):
@@ -292,10 +339,9 @@ def _transpose_kw(stride, pad_lo, pad_hi, output_padding, dilation, groups):
                 output_padding=tuple(output_padding), dilation=tuple(dilation), groups=groups)
 
 
-@torch.library.custom_op("gpuconv::conv_transpose_input_grad", mutates_args=())
-def _t_input_grad_op(grad_out: Tensor, weight: Tensor, input_shape: List[int],
-                     stride: List[int], pad_lo: List[int], pad_hi: List[int],
-                     output_padding: List[int], dilation: List[int], groups: int) -> Tensor:
+def _t_input_grad_impl(grad_out: Tensor, weight: Tensor, input_shape: List[int],
+                       stride: List[int], pad_lo: List[int], pad_hi: List[int],
+                       output_padding: List[int], dilation: List[int], groups: int) -> Tensor:
     with _context(grad_out):
         kw = _transpose_kw(stride, pad_lo, pad_hi, output_padding, dilation, groups)
         gx = _api.conv_transpose_input_grad(to_array(grad_out), to_array(weight),
@@ -303,20 +349,25 @@ def _t_input_grad_op(grad_out: Tensor, weight: Tensor, input_shape: List[int],
         return _out(gx, _memory_format(grad_out, weight))
 
 
+_t_input_grad_op = _custom_op("gpuconv::conv_transpose_input_grad", _t_input_grad_impl)
+
+
 @_t_input_grad_op.register_fake
 def _(grad_out, weight, input_shape, stride, pad_lo, pad_hi, output_padding, dilation, groups):
     return _empty(input_shape, grad_out, _memory_format(grad_out, weight))
 
 
-@torch.library.custom_op("gpuconv::conv_transpose_weight_grad", mutates_args=())
-def _t_weight_grad_op(x: Tensor, grad_out: Tensor, weight_shape: List[int],
-                      stride: List[int], pad_lo: List[int], pad_hi: List[int],
-                      output_padding: List[int], dilation: List[int], groups: int) -> Tensor:
+def _t_weight_grad_impl(x: Tensor, grad_out: Tensor, weight_shape: List[int],
+                        stride: List[int], pad_lo: List[int], pad_hi: List[int],
+                        output_padding: List[int], dilation: List[int], groups: int) -> Tensor:
     with _context(x):
         kw = _transpose_kw(stride, pad_lo, pad_hi, output_padding, dilation, groups)
         gw = _api.conv_transpose_weight_grad(to_array(x), to_array(grad_out), tuple(weight_shape),
                                              **kw)
         return from_array(gw)
+
+
+_t_weight_grad_op = _custom_op("gpuconv::conv_transpose_weight_grad", _t_weight_grad_impl)
 
 
 @_t_weight_grad_op.register_fake
@@ -338,13 +389,45 @@ def _bias_grad(gy):
     return gy.sum(dim=[0] + list(range(2, gy.dim())))
 
 
-def _call(fn, op, *args):
+def _call(fn, name, *args):
     """The differentiable Function when a graph is being built (an operand requires
     grad: forward passes, create_graph=True backward passes, torch.func), else the bare
-    operator (what inference and torch.compile's backward graphs record)."""
+    operator ``name`` (what inference and torch.compile's backward graphs record)."""
     if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
         return fn.apply(*args)
-    return op(*args)
+    return _run(name, *args)
+
+
+# Eager calls on plain CPU tensors skip the dispatcher: the operator's Python
+# implementation runs directly.  Going through the registered operator costs about
+# 0.15 ms a call here (its autograd and dynamo-disable wrappers, the redispatch),
+# as much as a whole small convolution.  Everything else -- torch.compile / export
+# tracing, fake or meta tensors, tensor subclasses, dispatch or function modes
+# (FlopCounterMode ...), vmap and the other functorch transforms, jit tracing --
+# goes through the operator, so those see the same graph node as before.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager_cpu(args):
+    if torch.compiler.is_compiling():   # first: dynamo folds it, never traces the rest
+        return False
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.device.type != "cpu"):
+            return False
+    C = torch._C
+    try:
+        return not (C._are_functorch_transforms_active() or C._len_torch_dispatch_stack()
+                    or C._is_torch_function_mode_enabled() or C._get_tracing_state() is not None)
+    except AttributeError:  # another PyTorch: always the operator
+        return False
+
+
+def _run(name, *args):
+    """Operator ``name`` (a key of ``_OPS``) on args: its implementation directly for
+    eager CPU calls, else through the dispatcher."""
+    if _eager_cpu(args):
+        return _IMPLS[name](*args)
+    return _OPS[name](*args)
 
 
 class _GradFn(torch.autograd.Function):
@@ -363,14 +446,15 @@ def _function_triple(fwd, dgrad, wgrad, name):
     """The differentiable Functions of one convolution family: the convolution, its
     input gradient and its weight gradient, whose backward passes are made of the
     other two (so every order of derivative is a gpuconv call).  The operators are named
-    (keys of ``_OPS``) and looked up there, so torch.compile sees them as module globals."""
+    (keys of ``_OPS``) and looked up there (by :func:`_run`), so torch.compile sees them
+    as module globals."""
 
     class Fwd(torch.autograd.Function):
         generate_vmap_rule = True
 
         @staticmethod
         def forward(x, w, b, *geom):
-            return _OPS[fwd](x, w, b, *geom)
+            return _run(fwd, x, w, b, *geom)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -384,9 +468,9 @@ def _function_triple(fwd, dgrad, wgrad, name):
             x, w = ctx.saved_tensors
             gx = gw = gb = None
             if ctx.needs_input_grad[0]:
-                gx = _call(InputGrad, _OPS[dgrad], gy, w, list(x.shape), *ctx.geom)
+                gx = _call(InputGrad, dgrad, gy, w, list(x.shape), *ctx.geom)
             if ctx.needs_input_grad[1]:
-                gw = _call(WeightGrad, _OPS[wgrad], x, gy, list(w.shape), *ctx.geom)
+                gw = _call(WeightGrad, wgrad, x, gy, list(w.shape), *ctx.geom)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 gb = _bias_grad(gy)
             return (gx, gw, gb) + (None,) * len(ctx.geom)
@@ -394,31 +478,31 @@ def _function_triple(fwd, dgrad, wgrad, name):
     class InputGrad(_GradFn):
         @staticmethod
         def forward(gy, w, input_shape, *geom):
-            return _OPS[dgrad](gy, w, input_shape, *geom)
+            return _run(dgrad, gy, w, input_shape, *geom)
 
         @staticmethod
         def backward(ctx, ggx):
             gy, w = ctx.saved_tensors
             d_gy = d_w = None
             if ctx.needs_input_grad[0]:
-                d_gy = _call(Fwd, _OPS[fwd], ggx, w, None, *ctx.geom)
+                d_gy = _call(Fwd, fwd, ggx, w, None, *ctx.geom)
             if ctx.needs_input_grad[1]:
-                d_w = _call(WeightGrad, _OPS[wgrad], ggx, gy, list(w.shape), *ctx.geom)
+                d_w = _call(WeightGrad, wgrad, ggx, gy, list(w.shape), *ctx.geom)
             return (d_gy, d_w, None) + (None,) * len(ctx.geom)
 
     class WeightGrad(_GradFn):
         @staticmethod
         def forward(x, gy, weight_shape, *geom):
-            return _OPS[wgrad](x, gy, weight_shape, *geom)
+            return _run(wgrad, x, gy, weight_shape, *geom)
 
         @staticmethod
         def backward(ctx, ggw):
             x, gy = ctx.saved_tensors
             d_x = d_gy = None
             if ctx.needs_input_grad[0]:
-                d_x = _call(InputGrad, _OPS[dgrad], gy, ggw, list(x.shape), *ctx.geom)
+                d_x = _call(InputGrad, dgrad, gy, ggw, list(x.shape), *ctx.geom)
             if ctx.needs_input_grad[1]:
-                d_gy = _call(Fwd, _OPS[fwd], x, ggw, None, *ctx.geom)
+                d_gy = _call(Fwd, fwd, x, ggw, None, *ctx.geom)
             return (d_x, d_gy, None) + (None,) * len(ctx.geom)
 
     for cls, suffix in ((Fwd, ""), (InputGrad, "InputGrad"), (WeightGrad, "WeightGrad")):
@@ -429,6 +513,9 @@ def _function_triple(fwd, dgrad, wgrad, name):
 _OPS = {"conv": _conv_op, "input_grad": _input_grad_op, "weight_grad": _weight_grad_op,
         "transpose": _transpose_op, "t_input_grad": _t_input_grad_op,
         "t_weight_grad": _t_weight_grad_op}
+_IMPLS = {"conv": _conv_impl, "input_grad": _input_grad_impl, "weight_grad": _weight_grad_impl,
+          "transpose": _transpose_impl, "t_input_grad": _t_input_grad_impl,
+          "t_weight_grad": _t_weight_grad_impl}
 _ConvFn, _InputGradFn, _WeightGradFn = _function_triple(
     "conv", "input_grad", "weight_grad", "Conv")
 _TransposeFn, _TInputGradFn, _TWeightGradFn = _function_triple(
@@ -546,7 +633,8 @@ def _geom(op, x, w, stride, padding, dilation, groups):
     geometry also checks every shape, with gpuconv's messages)."""
     g = geo.conv_geometry(op, tuple(x.shape), tuple(w.shape), stride=_norm(stride),
                           padding=_norm(padding), dilation=_norm(dilation), groups=groups,
-                          dtype=np.float32, names=("input.shape", "weight.shape"))
+                          dtype=np.float32, names=("input.shape", "weight.shape"),
+                          memo=not torch.compiler.is_compiling())
     return [list(g.stride), list(g.pad_lo), list(g.pad_hi), list(g.dilation), g.groups]
 
 
@@ -576,7 +664,7 @@ def _conv(op, nd, input, weight, bias, stride, padding, dilation, groups):
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"gpuconv.torch.{op}: bias must have shape ({weight.shape[0]},) (one "
                          f"value per output channel), got bias.shape={tuple(bias.shape)}")
-    y = _call(_ConvFn, _conv_op, x, weight, bias, *geom)
+    y = _call(_ConvFn, "conv", x, weight, bias, *geom)
     return y if batched else y.squeeze(0)
 
 
@@ -630,13 +718,14 @@ def _conv_transpose(op, nd, input, weight, bias, stride, padding, output_padding
     g, _ = geo.transpose_geometry(f"gpuconv.torch.{op}", tuple(x.shape), tuple(weight.shape),
                                   stride=_norm(stride), padding=_norm(padding),
                                   output_padding=_norm(output_padding), dilation=_norm(dilation),
-                                  groups=groups, names=("input.shape", "weight.shape"))
+                                  groups=groups, names=("input.shape", "weight.shape"),
+                                  memo=not torch.compiler.is_compiling())
     opad = geo.transpose_output_padding(f"gpuconv.torch.{op}", _norm(output_padding), nd,
                                         g.stride, g.dilation)
     if bias is not None and tuple(bias.shape) != (g.C,):
         raise ValueError(f"gpuconv.torch.{op}: bias must have shape ({g.C},) (one value per "
                          f"output channel), got bias.shape={tuple(bias.shape)}")
-    y = _call(_TransposeFn, _transpose_op, x, weight, bias, list(g.stride), list(g.pad_lo),
+    y = _call(_TransposeFn, "transpose", x, weight, bias, list(g.stride), list(g.pad_lo),
               list(g.pad_hi), list(opad), list(g.dilation), g.groups)
     return y if batched else y.squeeze(0)
 

@@ -112,6 +112,25 @@ def test_float_stride():
         gpuconv.conv(X, W, stride=1.5)
 
 
+def test_memoized_geometry_keeps_every_check():
+    """A geometry already parsed from plain ints is reused (the same object), but values
+    equal to those ints that are not ints are still checked: True == 1 and 2.0 == 2."""
+    from gpuconv import _geometry as geo
+    g = geo.conv_geometry("conv", X.shape, W.shape, stride=1, groups=1, padding=(1, 1))
+    assert geo.conv_geometry("conv", X.shape, W.shape, stride=1, groups=1, padding=(1, 1)) is g
+    assert geo.conv_geometry("conv", list(X.shape), W.shape, stride=[1, 1], padding=[1, 1]) == g
+    gpuconv.conv(X, W, stride=1, groups=1)
+    with raises(TypeError, "groups must be an integer", "True"):
+        gpuconv.conv(X, W, groups=True)
+    with raises(TypeError, "stride must be an integer", "True"):
+        gpuconv.conv(X, W, stride=True)
+    gpuconv.conv(X, W, stride=2)
+    with raises(TypeError, "stride must be an integer", "2.0"):
+        gpuconv.conv(X, W, stride=2.0)
+    with raises(TypeError, "stride must be an integer", "2.0"):
+        gpuconv.conv(X, W, stride=(2, 2.0))
+
+
 def test_unknown_padding_string():
     with raises(ValueError, "unknown padding='full'", "'valid'", "'same'"):
         gpuconv.conv(X, W, padding="full")

@@ -27,7 +27,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .._geometry import ConvGeometry, dgrad_as_forward, flip_weight
-from .parallel import matmul
+from .parallel import hosted, matmul
 from .parallel import run_parallel as _run_parallel
 from .parallel import run_parallel_sum as _run_parallel_sum
 from .workspace import arena_bytes as _arena_bytes
@@ -431,7 +431,7 @@ def _forward_blocked(p, x, w, b, y, budget):
 def input_grad(p, gy, w, gx):
     g = p.g
     ga = dgrad_as_forward(g) if g.taps > 1 else None
-    if ga is not None and np.isfinite(w).all():
+    if ga is not None and not _weight_outweighs_columns(g) and np.isfinite(w).all():
         # stride 1: the forward convolution of grad_out with the flipped weight -- the
         # forward's speed and memory bound (the col2im below recomputes each output
         # row once per input-row chunk it touches: slow for large kernels).  Not with a
@@ -440,6 +440,15 @@ def input_grad(p, gy, w, gx):
         return forward(Pass(g=ga, cdt=p.cdt, itemsize=p.itemsize, workers=p.workers),
                        gy, flip_weight(w, g), None, gx)
     return _input_grad_col2im(p, gy, w, gx)
+
+
+def _weight_outweighs_columns(g):
+    """Inside a host framework (one chunk thread, so whole images per chunk and no
+    recomputed rows in the col2im): whether the flipped weight the forward route copies
+    (and scans for non-finite values) is at least as large as the grad_out columns it
+    saves -- deep layers on small images, where the col2im of a GEMM straight from a
+    transposed view of the weight is the cheaper route."""
+    return hosted() and g.C >= g.N * math.prod(g.in_spatial)
 
 
 def _gy_rows(gy, g, n, gi, p0, p1, arena, cdt):

@@ -62,6 +62,11 @@ class host_gemm:
         _host.gemm = self.prev
 
 
+def hosted() -> bool:
+    """True inside :class:`host_gemm` (a host framework runs this thread's GEMMs)."""
+    return getattr(_host, "gemm", None) is not None
+
+
 def matmul(a, b, out):
     """``out = a @ b`` (written in place): NumPy's BLAS, or the host's GEMM."""
     gemm = getattr(_host, "gemm", None)
