@@ -272,6 +272,16 @@ def transposed_output_size(L: int, k: int, s: int, d: int, lo: int, hi: int, opa
 
 def check_dtype(op: str, arrays: dict) -> np.dtype:
     """All named arrays must share one supported floating dtype; return it."""
+    first = None
+    for a in arrays.values():  # common case first: one native dtype object, supported
+        if a is not None:
+            if first is None:
+                first = a.dtype
+            elif a.dtype is not first:
+                break
+    else:
+        if first is not None and first.isnative and dtype_name(first) in DTYPES:
+            return first
     dtypes = {}
     for name, a in arrays.items():
         if a is None:
@@ -324,7 +334,13 @@ def _exact(v) -> bool:
     t = type(v)
     if t is int or t is str:
         return True
-    return t is tuple and all(_exact(e) for e in v)
+    if t is not tuple:
+        return False
+    for e in v:
+        t = type(e)
+        if t is not int and t is not str and not (t is tuple and _exact(e)):
+            return False
+    return True
 
 
 def conv_geometry(op: str, x_shape, w_shape, *, stride=1, padding=0, dilation=1, groups=1,

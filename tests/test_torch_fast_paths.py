@@ -144,3 +144,34 @@ def test_deep_layer_input_grad_with_a_nonfinite_weight():
     assert np.array_equal(np.isfinite(got), np.isfinite(want))
     fin = np.isfinite(want)
     assert np.abs(got[fin] - want[fin]).max() <= 1e-13 * np.abs(want[fin]).max()
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_large_copies_and_col2im_adds_on_pytorchs_pool(monkeypatch, stride):
+    """im2col gathers, staging copies and col2im adds big enough for PyTorch's pool run
+    there (Tensor.copy_ / add_ on views) and every result matches the float64 truth."""
+    taken = {"copy": 0, "add": 0}
+    for name, key in (("_torch_copy", "copy"), ("_torch_add", "add")):
+        orig = getattr(gt, name)
+
+        def spy(*a, _orig=orig, _key=key):
+            ok = _orig(*a)
+            taken[_key] += bool(ok)
+            return ok
+        monkeypatch.setattr(gt, name, spy)
+    g = _gen(8)
+    x = torch.randn(2, 64, 48, 48, generator=g, requires_grad=True)
+    w = torch.randn(32, 64, 3, 3, generator=g, requires_grad=True)
+    y = gt.conv2d(x, w, stride=stride, padding=1)
+    gy = torch.randn(y.shape, generator=g)
+    gx, gw = torch.autograd.grad(y, (x, w), gy)
+    assert taken["copy"] > 0
+    if stride == 2:
+        assert taken["add"] > 0    # the strided input gradient's col2im
+    x64, w64, gy64 = (t.detach().double().numpy() for t in (x, w, gy))
+    kw = dict(stride=stride, padding=1)
+    for got, want in ((y, ref.conv(x64, w64, **kw)),
+                      (gx, ref.conv_input_grad(gy64, w64, x64.shape, **kw)),
+                      (gw, ref.conv_weight_grad(x64, gy64, w64.shape, **kw))):
+        got = got.detach().double().numpy()
+        assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()

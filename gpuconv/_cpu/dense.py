@@ -27,7 +27,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from .._geometry import ConvGeometry, dgrad_as_forward, flip_weight
-from .parallel import hosted, matmul
+from .parallel import add_into, copyto, hosted, matmul
 from .parallel import run_parallel as _run_parallel
 from .parallel import run_parallel_sum as _run_parallel_sum
 from .workspace import arena_bytes as _arena_bytes
@@ -145,21 +145,27 @@ def _slab(x, g, n0, n1, c0, c1, a, b, arena, cdt, needed):
             buf[tuple(inner) + (slice(None),) * (d - 1) + (slice(lo + L, None),)] = 0
     interior = tuple(inner) + tuple(slice(lo, lo + L) for lo, L in
                                     zip(g.pad_lo[1:], g.in_spatial[1:]))
-    np.copyto(buf[interior], x[n0:n1, c0:c1, r0 - lo0:r1 - lo0], casting="unsafe")
+    copyto(buf[interior], x[n0:n1, c0:c1, r0 - lo0:r1 - lo0])
     return buf
 
 
-def _im2col_view(src, g, rows, kernel=None):
-    """Window view (C, *kernel, nb, rows, *out_rest) of a slab src (nb, C, rin, *rest)
-    (``kernel``: a leading block of taps, default all of g.kernel)."""
+def _im2col_window(src, g, rows, kernel=None):
+    """(shape, byte strides) of the window view (C, *kernel, nb, rows, *out_rest) of a
+    slab src (nb, C, rin, *rest) (``kernel``: a leading block of taps, default all of
+    g.kernel)."""
     nb, C = src.shape[:2]
     sn, sc = src.strides[:2]
     sp = src.strides[2:]
     shape = (C,) + (g.kernel if kernel is None else tuple(kernel)) + (nb, rows) + g.out_spatial[1:]
     strides = ((sc,) + tuple(s * d for s, d in zip(sp, g.dilation)) + (sn,)
                + tuple(s * st for s, st in zip(sp, g.stride)))
-    return as_strided(src, shape=shape, strides=strides, writeable=False)
+    return shape, strides
 
+
+def _im2col_view(src, g, rows, kernel=None):
+    """The window view itself (read-only)."""
+    shape, strides = _im2col_window(src, g, rows, kernel)
+    return as_strided(src, shape=shape, strides=strides, writeable=False)
 
 
 def _columns(src, g, nbc, rows, arena, cdt, direct):
@@ -173,7 +179,7 @@ def _columns(src, g, nbc, rows, arena, cdt, direct):
         if colsm is not None and _blasable(colsm):
             return colsm
     cols = arena.take((g.C,) + g.kernel + (nbc, rows) + g.out_spatial[1:], cdt)
-    np.copyto(cols, _im2col_view(src, g, rows))
+    copyto(cols, src, _im2col_window(src, g, rows))
     return cols.reshape(G, Cg * T, nbc * L)
 
 def _taps(g):
@@ -365,7 +371,7 @@ def forward(p, x, w, b, y):
         if bias_v is not None:
             np.add(buf, bias_v, out=buf)
         res = buf.reshape((K, nbc, rows) + g.out_spatial[1:]).swapaxes(0, 1)
-        np.copyto(y[n0:n1, :, p0:p1], res, casting="unsafe")
+        copyto(y[n0:n1, :, p0:p1], res)
 
     _run_parallel(chunks, workers, arena_bytes, work)
 
@@ -608,7 +614,7 @@ def _input_grad_col2im(p, gy, w, gx):
                 gym = None
         if gym is None:
             buf = arena.take((K, nbc, rows) + g.out_spatial[1:], cdt)
-            np.copyto(buf, gy[n0:n1, :, p0:p1].swapaxes(0, 1), casting="unsafe")
+            copyto(buf, gy[n0:n1, :, p0:p1].swapaxes(0, 1))
             gym = buf.reshape(G, Kg, nbc * L)
         if direct and nbc == 1:  # 1x1 stride 1: the GEMM result is the gradient
             matmul(wmT, gym, _view(target[0], (G, Cg, L)))
@@ -637,14 +643,14 @@ def _input_grad_col2im(p, gy, w, gx):
             else:
                 ops.append(op)
         if full is not None:
-            np.copyto(acc, gcols[full[1]].swapaxes(0, 1))
+            copyto(acc, gcols[full[1]].swapaxes(0, 1))
         else:
             acc[...] = 0
         for isl, osl in ops:
             av = acc[isl]
-            np.add(av, gcols[osl].swapaxes(0, 1), out=av)
+            add_into(av, gcols[osl].swapaxes(0, 1))
         if cast:
-            np.copyto(target, acc, casting="unsafe")
+            copyto(target, acc)
 
     _run_parallel(chunks, workers, arena_bytes, work)
 
@@ -697,8 +703,11 @@ def weight_grad(p, x, gy):
     trans = Cg * T > Kg and total_cols >= _WGRAD_TRANS_MIN_COLS
     pshape = (G, Cg * T, Kg) if trans else (G, Kg, Cg * T)
 
+    single = min(workers, len(chunks)) == 1
+
     def init(arena):
-        return {"acc": arena.take(pshape, cdt),
+        # one worker sums straight into the result (no copy of the gradient out of the arena)
+        return {"acc": np.empty(pshape, cdt) if single else arena.take(pshape, cdt),
                 "tmp": arena.take(pshape, cdt) if need_tmp else None,
                 "n": 0, "off": arena.off}
 
@@ -717,7 +726,7 @@ def weight_grad(p, x, gy):
                 gym = None
         if gym is None:
             buf = arena.take((K, nbc, rows) + g.out_spatial[1:], cdt)
-            np.copyto(buf, gy[n0:n1, :, p0:p1].swapaxes(0, 1), casting="unsafe")
+            copyto(buf, gy[n0:n1, :, p0:p1].swapaxes(0, 1))
             gym = buf.reshape(G, Kg, nbc * L)
         a, b = (colsm, gym.swapaxes(1, 2)) if trans else (gym, colsm.swapaxes(1, 2))
         if st["n"] == 0:

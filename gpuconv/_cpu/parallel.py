@@ -13,6 +13,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from . import workspace
 
@@ -43,23 +44,46 @@ def _blas_controllers():
 # A host framework with its own thread pool can take over the GEMMs of the calls made
 # from one thread (gpuconv.torch runs them on PyTorch's pool): that thread's calls then
 # start no worker threads and no multi-threaded BLAS of their own, so the two pools
-# never oversubscribe the cores.  gemm(a, b, out) computes out = a @ b.
+# never oversubscribe the cores.  gemm(a, b, out) computes out = a @ b.  The host may
+# also take the large copies (im2col gathers, padding, staging) and the col2im adds:
+# copy(dst, src, window) sets dst = src, or = the window view (shape, byte strides)
+# of src; add(dst, src) sets dst += src; each returns False where it declines (then
+# NumPy does it in this thread).
 _host = threading.local()
 
 
 class host_gemm:
-    """Context manager: the GEMMs of the calls made from this thread go to ``gemm``,
-    and the backend runs them with one thread (:func:`get_num_threads` is 1)."""
+    """Context manager: the GEMMs (and, given ``copy`` / ``add``, the copies and
+    scatter-adds) of the calls made from this thread go to the host's functions, and
+    the backend runs them with one thread (:func:`get_num_threads` is 1)."""
 
-    def __init__(self, gemm):
-        self.gemm = gemm
+    def __init__(self, gemm, copy=None, add=None):
+        self.hooks = (gemm, copy, add)
 
     def __enter__(self):
-        self.prev = getattr(_host, "gemm", None)
-        _host.gemm = self.gemm
+        self.prev = tuple(getattr(_host, n, None) for n in ("gemm", "copy", "add"))
+        _host.gemm, _host.copy, _host.add = self.hooks
 
     def __exit__(self, *exc):
-        _host.gemm = self.prev
+        _host.gemm, _host.copy, _host.add = self.prev
+
+
+def copyto(dst, src, window=None):
+    """``dst[...] = src`` (any cast), or ``= as_strided(src, *window)``: the host's copy
+    inside :class:`host_gemm` where it takes it, else NumPy's."""
+    copy = getattr(_host, "copy", None)
+    if copy is not None and copy(dst, src, window):
+        return
+    if window is not None:
+        src = as_strided(src, shape=window[0], strides=window[1], writeable=False)
+    np.copyto(dst, src, casting="unsafe")
+
+
+def add_into(dst, src):
+    """``dst += src``: the host's add inside :class:`host_gemm` where it takes it."""
+    add = getattr(_host, "add", None)
+    if add is None or not add(dst, src):
+        np.add(dst, src, out=dst)
 
 
 def hosted() -> bool:
@@ -261,10 +285,16 @@ def run_parallel(chunks, nworkers, arena_bytes, work, init=None, keep=False):
 def run_parallel_sum(chunks, nworkers, arena_bytes, work, init):
     """Run `work` over the chunks like :func:`run_parallel`, each worker accumulating into
     ``state["acc"]`` in its own arena; return the workers' sums added in worker order
-    (a fixed order: deterministic for a given thread count) and release the arenas."""
+    (a fixed order: deterministic for a given thread count) and release the arenas.  A
+    single worker's ``acc`` outside its arena (a fresh array ``init`` made) is returned
+    as it is."""
     states = run_parallel(chunks, nworkers, arena_bytes, work, init, keep=True)
     try:
-        total = np.array(states[0][0]["acc"], copy=True)
+        acc = states[0][0]["acc"]
+        if len(states) == 1 and not np.may_share_memory(acc, states[0][1].buf):
+            total = acc  # one worker summed into an array of its own: no copy out of the arena
+        else:
+            total = np.array(acc, copy=True)
         for st, _ in states[1:]:
             total += st["acc"]
     finally:
