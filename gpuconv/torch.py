@@ -141,12 +141,15 @@ def _arr(t):
 _GEMM_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-# Two GEMM shapes are slow through torch.matmul here (MKL on 2 threads, measured on
-# the ResNet layers, benchmarks/RESULTS.md): a narrow result (N <= 16 columns, the
-# forward of deep layers on small images) is 2-3x faster computed as its transpose
-# b^T a^T into a scratch and copied back (a few thousand elements); a short
-# reduction (K <= 32) into a large result (weight gradients of small images) is
-# 2x faster on NumPy's BLAS, one thread, in the calling thread (no pool to wake).
+# Two GEMM shapes are slow through torch.matmul here (MKL splitting one skinny GEMM
+# over its threads; measured on the ResNet layers, benchmarks/RESULTS.md):
+# * a narrow result (N <= 16 columns: deep layers on small images, forward and input
+#   gradient, whose weight is the long operand) is 2-3x faster as its transpose
+#   b^T a^T into a scratch copied back (a few thousand elements); where a has
+#   thousands of rows (the input gradient's C*taps), cut into row blocks, one bmm
+#   (PyTorch gives each thread whole GEMMs);
+# * a short reduction (K <= 32) into a large result (weight gradients of small
+#   images) is 2x faster on NumPy's BLAS, one thread, in the calling thread.
 _NARROW_N = 16
 _SHORT_K = 32
 _SHORT_K_MIN_OUT = 1 << 18
@@ -163,13 +166,25 @@ def _torch_gemm(a, b, out):
             return
         ta, tb, to = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(out)
         if N <= _NARROW_N and M >= 8 * N:
-            tmp = torch.empty(to.shape[:-2] + (N, M), dtype=to.dtype)
-            torch.matmul(tb.transpose(-1, -2), ta.transpose(-1, -2), out=tmp)
-            to.copy_(tmp.transpose(-1, -2))
+            _narrow_gemm(ta, tb, to, M, N)
         else:
             torch.matmul(ta, tb, out=to)
     else:
         np.matmul(a, b, out=out)
+
+
+def _narrow_gemm(ta, tb, to, M, N):
+    """to = ta @ tb for N << M: to^T = tb^T ta^T, ta's rows in P blocks (one bmm)."""
+    P = 2 * torch.get_num_threads()
+    if ta.dim() == 3 and ta.shape[0] == 1 == tb.shape[0] and M % P == 0 and M // P >= 512:
+        # (P, N, M/P) = (N, K) x (P, K, M/P): block p of to^T from rows p*M/P.. of ta
+        tmp = torch.bmm(tb[0].t().expand(P, N, tb.shape[1]),
+                        ta[0].unflatten(0, (P, M // P)).transpose(1, 2))
+        to[0].unflatten(0, (P, M // P)).copy_(tmp.transpose(1, 2))
+        return
+    tmp = torch.empty(to.shape[:-2] + (N, M), dtype=to.dtype)
+    torch.matmul(tb.transpose(-1, -2), ta.transpose(-1, -2), out=tmp)
+    to.copy_(tmp.transpose(-1, -2))
 
 
 _blas1 = []

@@ -175,3 +175,20 @@ def test_large_copies_and_col2im_adds_on_pytorchs_pool(monkeypatch, stride):
                       (gw, ref.conv_weight_grad(x64, gy64, w64.shape, **kw))):
         got = got.detach().double().numpy()
         assert np.abs(got - want).max() <= 2e-6 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_narrow_gemm_in_row_blocks_agrees_with_float64(dtype):
+    """A narrow result with thousands of rows (the input gradient of a deep layer on a
+    small image: a transposed view of the weight times grad_out) goes through the
+    row-block bmm; rows that do not split evenly take the plain transposed route."""
+    rng = np.random.default_rng(9)
+    for M in (4096, 4098):
+        w = rng.standard_normal((64, M)).astype(dtype)
+        a = w.T[None]                                    # (1, M, 64) transposed view
+        b = rng.standard_normal((1, 64, 8)).astype(dtype)
+        out = np.full((1, M, 8), np.nan, dtype)
+        gt._torch_gemm(a, b, out)
+        want = a.astype(np.float64) @ b.astype(np.float64)
+        tol = 1e-5 if dtype == np.float32 else 1e-13
+        assert np.abs(out - want).max() <= tol * np.abs(want).max()
