@@ -46,9 +46,10 @@ True
 Supported dtypes: float16, bfloat16 (needs ml_dtypes on CPU), float32, float64.
 
 Threads: on the CPU, inside these operators gpuconv starts no threads of its
-own: its GEMMs run through ``torch.matmul`` on PyTorch's thread pool
+own: its GEMMs, large copies and col2im adds run on PyTorch's thread pool
 (``torch.get_num_threads()`` threads), the rest in the calling thread (see the
-note above ``_torch_gemm``).
+notes above ``_torch_gemm`` and ``_torch_copy``).  Eager CPU calls skip the
+dispatcher (see ``_eager_cpu``).
 """
 from __future__ import annotations
 
@@ -132,9 +133,9 @@ def _arr(t):
 # its descheduled worker, and PyTorch's next operator for gpuconv's spinning
 # threads.  So inside these operators gpuconv hands its GEMMs (the bulk of the
 # work) to PyTorch -- torch.matmul on zero-copy views, i.e. MKL on PyTorch's own
-# OpenMP threads, torch.get_num_threads() of them -- and runs the rest (im2col,
-# col2im, copies) in the calling thread: no thread of gpuconv's or OpenBLAS's is
-# started, whatever torch.set_num_threads says.  Only for float32 with
+# OpenMP threads, torch.get_num_threads() of them -- and its large copies too (below),
+# the rest in the calling thread: no thread of gpuconv's or OpenBLAS's is started,
+# whatever torch.set_num_threads says.  Only for float32 with
 # torch.get_float32_matmul_precision() == "highest" (else PyTorch could round the
 # GEMM to bfloat16/TF32) and float64; other GEMMs stay on NumPy.
 
