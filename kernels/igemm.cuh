@@ -132,6 +132,22 @@ struct gc_fp {
 // Tap table entry: source offset per dim, linear source offset, weight tap index.
 #define GC_TAP_INTS 5
 
+// The epilogue's index of GEMM row m (an output position: image, then E(m) = the output
+// element it writes, e.g. a stride phase's position in the input grad) at channel 0 of
+// group grp: out[img, grp*Ng + n, E(m)] = out[rowbase + n*esp].  One place for both
+// forward policies (SIMT and tensor-op).
+template <typename I>
+__device__ __forceinline__ I gc_fp_out_row(const gc_fp& p, I m, int grp, I esp) {
+  I r = m;
+  const int mw = (int)(r % p.MW); r /= p.MW;
+  const int mh = (int)(r % p.MH); r /= p.MH;
+  const int md = (int)(r % p.MD);
+  const I img = r / p.MD;
+  const I e = (((I)(md * p.osd + p.ofd) * p.EH + (mh * p.osh + p.ofh)) * p.EW +
+               (mw * p.osw + p.ofw));
+  return (img * p.Cout + (I)grp * p.Ng) * esp + e;
+}
+
 __device__ __forceinline__ void gc_fp_taps(int* tab, const gc_fp& p, int T, int tid, int nt) {
   for (int t = tid; t < T; t += nt) {
     const int tw = t % p.TW, th = (t / p.TW) % p.TH, td = t / (p.TW * p.TH);
@@ -415,14 +431,7 @@ __device__ __forceinline__ void gc_igemm_fp(const T* __restrict__ src, const T* 
   for (int i = 0; i < 8; ++i) {
     const I m = m0 + gc_simt_row<CFG>(tm, i);
     if (m >= M) continue;
-    I r = m;
-    const int mw = (int)(r % p.MW); r /= p.MW;
-    const int mh = (int)(r % p.MH); r /= p.MH;
-    const int md = (int)(r % p.MD);
-    const I img = r / p.MD;
-    const I e = (((I)(md * p.osd + p.ofd) * p.EH + (mh * p.osh + p.ofh)) * p.EW +
-                 (mw * p.osw + p.ofw));
-    const I rowbase = (img * p.Cout + (I)grp * p.Ng) * esp + e;
+    const I rowbase = gc_fp_out_row<I>(p, m, grp, esp);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int n = n0 + gc_simt_col<CFG>(tn, j);
@@ -894,14 +903,7 @@ __device__ __forceinline__ void gc_igemm_fp_tc(const T* __restrict__ src_, const
     for (int h = 0; h < 2; ++h) {
       const I m = m0 + wm * CFG::WTM + i * 16 + (lane >> 2) + 8 * h;
       if (m >= M) continue;
-      I r = m;
-      const int mw = (int)(r % p.MW); r /= p.MW;
-      const int mh = (int)(r % p.MH); r /= p.MH;
-      const int md = (int)(r % p.MD);
-      const I img = r / p.MD;
-      const I e = (((I)(md * p.osd + p.ofd) * p.EH + (mh * p.osh + p.ofh)) * p.EW +
-                   (mw * p.osw + p.ofw));
-      const I rowbase = (img * p.Cout + (I)grp * p.Ng) * esp + e;
+      const I rowbase = gc_fp_out_row<I>(p, m, grp, esp);
 #pragma unroll
       for (int j = 0; j < CFG::NJ; ++j)
 #pragma unroll
