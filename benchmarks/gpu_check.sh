@@ -3,7 +3,7 @@
 # included; never more than GLOBAL_LIMIT, 7 min 50 s).  Steps, in order, each with its
 # own timeout (benchmarks/gpu_check.py STEPS is the one home of the numbers):
 #   env        nvidia-smi, versions, is compute-sanitizer there
-#   ceilings   2 GiB device-to-device copy; 8192^3 matmul f32 (TF32 off), bf16, f16
+#   ceilings   2 GiB device-to-device copy; 8192^3 matmul f32 (TF32 off), tf32, bf16, f16
 #   precompile import gpuconv, build every module with NVRTC into a fresh CuPy cache
 #   tests      pytest -m gpu with GPUCONV_POISON_OUTPUTS=1 (NaN-filled outputs) and a
 #              fresh seed (GPUCONV_TEST_SEED, --hypothesis-seed), printed below
